@@ -1,0 +1,502 @@
+"""Backpropagation through a learned model into the policy (PILCO-style, with a
+neural-network model): model-based RL "version 2.0" of CS 285.
+
+Papers and lecture:
+- Deisenroth & Rasmussen 2011, "PILCO: A Model-Based and Data-Efficient
+  Approach to Policy Search" (ICML), https://mlg.eng.cam.ac.uk/pub/pdf/DeiRas11.pdf:
+  analytic policy gradients through a learned (there: Gaussian-process) model.
+- CS 285 (Levine), lecture "Model-Based Policy Learning", part 1: the
+  "model-based RL version 2.0" box, and why backpropagating through a long
+  chain of Jacobians is ill-conditioned (like BPTT, but we cannot choose the
+  dynamics as an LSTM chooses its recurrence).
+- Parmas et al. 2018, "PIPPS: Flexible Model-Based Policy Search Robust to the
+  Curse of Chaos" (ICML): the gradient variance explodes with the horizon.
+
+What is here: a deterministic neural dynamics model (optionally a small
+ensemble whose mean is used) predicting normalised state differences, trained
+by least squares; a deterministic tanh policy trained by gradient ascent on the
+return of imagined trajectories of horizon H, computed exactly by
+backpropagation through the model and the task's differentiable reward
+(common/envs.py). `--dynamics true` backpropagates through the true simulator
+instead (gymnasium's JAX pendulum): "if you have a simulator, you can compute
+gradients through it". `--grad-clip` clips the policy gradient's global norm.
+What is left out: PILCO's Gaussian-process model and moment matching (we use
+a deterministic net, so the model's uncertainty is ignored), and termination
+functions (the supported envs never terminate).
+
+Run:
+    python -m algos.backprop_through_model                      # Pendulum-v1
+    python -m algos.backprop_through_model --dynamics true      # through the simulator
+    python -m algos.backprop_through_model --env-id Reacher-v5 --total-timesteps 5000
+    python -m algos.backprop_through_model --horizon 200        # watch the gradient norm
+
+Algorithm (the lecture's box; the numbers mark the code below):
+    [1] run a base policy (uniformly random actions) to collect D = {(s, a, s')}
+    repeat:
+      [2] learn the dynamics model f(s, a) minimising sum_i ||f(s_i, a_i) - s'_i||^2
+          (on normalised differences, Adam minibatch steps)
+      [3] backpropagate through f into the policy: K Adam steps on
+            J(theta) = E_{s_0 ~ D} [ sum_{t<H} gamma^t r(s_t, a_t, s_{t+1}) ],
+            a_t = pi_theta(s_t),  s_{t+1} = f(s_t, a_t),
+          dJ/dtheta by reverse-mode autodiff through the whole H-step chain
+      [4] run pi_theta (plus small Gaussian exploration noise) in the real env,
+          append the visited tuples to D
+      [5] evaluate the deterministic policy pi_theta (eval_episodes episodes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Literal, NamedTuple
+
+import flax.linen as nn
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from jax.flatten_util import ravel_pytree
+
+from common.envs import check_env_id, make_env, reward_function
+from common.experiment import (
+    CommonArgs,
+    Run,
+    check_finite,
+    fail,
+    record_video,
+    save_checkpoint,
+    seed_everything,
+)
+
+
+@dataclasses.dataclass
+class Args(CommonArgs):
+    env_id: str = "Pendulum-v1"
+    """Pendulum-v1 or Reacher-v5 (the envs with a differentiable reward in common/envs.py)"""
+    total_timesteps: int = 5000
+    """total real env steps (random steps included)"""
+    eval_interval: int = 200
+    """real env steps collected per iteration [4]; the policy is evaluated after each"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes per iteration"""
+    random_steps: int = 200
+    """[1] steps of the uniformly random base policy before the first model fit"""
+    dynamics: Literal["learned", "true"] = "learned"
+    """learned: backprop through the learned model; true: through the true
+    differentiable simulator (Pendulum-v1 only: gymnasium's JAX pendulum)"""
+    horizon: int = 50
+    """H, length of the imagined trajectories"""
+    gamma: float = 0.99
+    """discount of the imagined return"""
+    num_start_states: int = 256
+    """start states s_0 drawn from D for each policy gradient step"""
+    policy_steps: int = 100
+    """K, policy gradient steps per iteration [3]"""
+    policy_lr: float = 1e-3
+    """Adam step size of the policy"""
+    policy_hidden: int = 64
+    """width of the policy's two hidden layers"""
+    grad_clip: float = 0.0
+    """clip the policy gradient's global norm to this value (0: no clipping)"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian action noise in [4], as a fraction of the action range half-width"""
+    model_hidden: int = 128
+    """width of the model's two hidden layers"""
+    ensemble_size: int = 1
+    """number of models; the prediction is their mean (1: a single model)"""
+    model_steps: int = 500
+    """[2] Adam minibatch steps of the model per iteration (warm-started)"""
+    model_batch_size: int = 128
+    """minibatch size of the model fit (at most random_steps)"""
+    model_lr: float = 1e-3
+    """Adam step size of the model"""
+
+
+# ----------------------------------------------------------------------------
+# Networks and containers
+# ----------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Two hidden layers; swish for the model, tanh for the policy."""
+
+    hidden: int
+    out: int
+    act: Callable = nn.swish
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.act(nn.Dense(self.hidden)(x))
+        x = self.act(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.out)(x)
+
+
+class Normalizer(NamedTuple):
+    """Statistics of D, recomputed each iteration. The net sees inputs of unit
+    scale and predicts the *normalised difference* (s' - s - mu_d) / sigma_d:
+    differences are small next to states, and unit-scale targets keep all state
+    dimensions equally weighted in the squared loss."""
+
+    in_mean: jax.Array  # (obs_dim + act_dim,)
+    in_std: jax.Array
+    delta_mean: jax.Array  # (obs_dim,)
+    delta_std: jax.Array
+
+
+class Data(NamedTuple):
+    """D, preallocated to its final size so the jitted phases compile once;
+    only the first `n` rows are filled."""
+
+    obs: jax.Array  # (N, obs_dim)
+    action: jax.Array  # (N, act_dim)
+    next_obs: jax.Array  # (N, obs_dim)
+
+
+class Config(NamedTuple):
+    """The static numbers the jitted phases are built for."""
+
+    horizon: int
+    gamma: float
+    num_start_states: int
+    policy_steps: int
+    model_steps: int
+    model_batch_size: int
+    action_scale: float  # actions are action_scale * tanh(.)
+
+
+def make_policy(act_dim: int, hidden: int) -> MLP:
+    return MLP(hidden, act_dim, act=nn.tanh)
+
+
+def policy_action(policy: MLP, params, obs, action_scale: float):
+    """pi_theta(s) = a_max tanh(net(s)): deterministic and inside the bounds, so
+    the env's torque clip never cuts the gradient."""
+    return action_scale * jnp.tanh(policy.apply(params, obs))
+
+
+# ----------------------------------------------------------------------------
+# [2] The dynamics model
+# ----------------------------------------------------------------------------
+def model_predict(model: MLP, params, norm: Normalizer, obs, action):
+    """f(s, a) = s + mu_d + sigma_d * mean_e net_e((s, a) normalised).
+
+    `params` has a leading ensemble axis E; obs (obs_dim,), action (act_dim,)."""
+    x = (jnp.concatenate([obs, action], -1) - norm.in_mean) / norm.in_std
+    out = jax.vmap(model.apply, in_axes=(0, None))(params, x)  # (E, obs_dim)
+    return obs + norm.delta_mean + norm.delta_std * out.mean(0)
+
+
+def model_loss(model: MLP, params, norm: Normalizer, obs, action, next_obs):
+    """Mean squared error of every member on normalised differences, summed over
+    members (each member is fitted independently). obs (B, obs_dim)."""
+    x = (jnp.concatenate([obs, action], -1) - norm.in_mean) / norm.in_std  # (B, in)
+    target = (next_obs - obs - norm.delta_mean) / norm.delta_std  # (B, obs_dim)
+    pred = jax.vmap(model.apply, in_axes=(0, None))(params, x)  # (E, B, obs_dim)
+    return ((pred - target) ** 2).mean(axis=(1, 2)).sum()
+
+
+@partial(jax.jit, static_argnames=("model", "cfg"))
+def fit_model(model: MLP, cfg: Config, state: TrainState, norm: Normalizer, data: Data, n, key):
+    """[2] `model_steps` Adam steps on minibatches drawn (with replacement) from
+    the first n rows of D: one jitted scan. Returns the state and mean loss."""
+
+    def step(state, k):
+        idx = jax.random.randint(k, (cfg.model_batch_size,), 0, n)
+        loss, grads = jax.value_and_grad(partial(model_loss, model))(
+            state.params, norm, data.obs[idx], data.action[idx], data.next_obs[idx])
+        return state.apply_gradients(grads=grads), loss
+
+    state, losses = jax.lax.scan(step, state, jax.random.split(key, cfg.model_steps))
+    return state, losses.mean()  # summed over members
+
+
+# ----------------------------------------------------------------------------
+# [3] Backpropagation through the model
+# ----------------------------------------------------------------------------
+def imagined_return(policy_fn, step_fn, reward_fn, policy_params, start_obs, horizon: int,
+                    gamma: float):
+    """sum_{t<H} gamma^t r(s_t, a_t, s_{t+1}) from ONE start state, a_t = pi(s_t),
+    s_{t+1} = step_fn(s_t, a_t) (the learned model or the true simulator).
+
+    jax.grad of this is backpropagation through time: by the chain rule,
+      dJ/dtheta = sum_t gamma^t [ dr_t/da_t + dr_t/ds_{t+1} df/da_t ] da_t/dtheta
+                  + (terms through ds_t/dtheta),
+      ds_{t+1}/dtheta = (df/ds + df/da dpi/ds)|_t ds_t/dtheta + df/da dpi/dtheta|_t,
+    so the effect of the action at step k on the reward at step t > k carries the
+    product of t - k closed-loop Jacobians M_j = df/ds + df/da dpi/ds. If M_j's
+    largest singular value is above 1 (a pendulum near the top: unstable) the
+    product, and the gradient, grows like sigma^H: it EXPLODES; below 1 the
+    far-future terms VANISH. This is the RNN problem of BPTT, but an RNN
+    designer can pick an LSTM whose Jacobians stay near 1; here M_j is whatever
+    physics (and the learned model) says it is.
+    """
+
+    def body(obs, _):
+        action = policy_fn(policy_params, obs)
+        next_obs = step_fn(obs, action)
+        return next_obs, reward_fn(obs, action, next_obs)
+
+    _, rewards = jax.lax.scan(body, start_obs, None, length=horizon)  # rewards (H,)
+    return jnp.sum(gamma ** jnp.arange(horizon) * rewards)
+
+
+def policy_objective(policy_fn, step_fn, reward_fn, cfg: Config, policy_params, start_obs):
+    """-J: minus the mean imagined return over start states (B, obs_dim)."""
+    returns = jax.vmap(imagined_return, in_axes=(None, None, None, None, 0, None, None))(
+        policy_fn, step_fn, reward_fn, policy_params, start_obs, cfg.horizon, cfg.gamma)
+    return -returns.mean()
+
+
+def per_start_grad_norms(policy_fn, step_fn, reward_fn, cfg: Config, policy_params, start_obs):
+    """||dJ(s_0)/dtheta|| for each start state separately (B,), the quantity of
+    the horizon study: its size and spread across s_0 show explosion."""
+    grad_one = jax.grad(lambda p, s: imagined_return(policy_fn, step_fn, reward_fn, p, s,
+                                                     cfg.horizon, cfg.gamma))
+    grads = jax.vmap(grad_one, in_axes=(None, 0))(policy_params, start_obs)
+    return jax.vmap(optax.global_norm)(grads)
+
+
+@partial(jax.jit, static_argnames=("policy_fn", "step_fn", "reward_fn", "cfg"))
+def improve_policy(policy_fn, step_fn, reward_fn, cfg: Config, state: TrainState, step_args,
+                   start_pool, n, key):
+    """[3] K Adam steps on -J, each on `num_start_states` start states drawn from
+    the first n rows of `start_pool` (the states of D): one jitted scan, the
+    imagined rollout inside being a scan over H vmapped over start states.
+
+    `step_fn(step_args, s, a)`: step_args are the model's (params, normaliser),
+    traced so that new model params do not recompile. Returns the state and the
+    per-step mean imagined return and gradient norm (before clipping)."""
+
+    def step(state, k):
+        idx = jax.random.randint(k, (cfg.num_start_states,), 0, n)
+        loss, grads = jax.value_and_grad(
+            partial(policy_objective, policy_fn, partial(step_fn, step_args), reward_fn, cfg))(
+            state.params, start_pool[idx])
+        return state.apply_gradients(grads=grads), (-loss, optax.global_norm(grads))
+
+    state, (returns, norms) = jax.lax.scan(step, state, jax.random.split(key, cfg.policy_steps))
+    return state, returns, norms
+
+
+# ----------------------------------------------------------------------------
+# Step functions: the learned model, or the true simulator
+# ----------------------------------------------------------------------------
+def learned_step(model: MLP, step_args, obs, action):
+    params, norm = step_args
+    return model_predict(model, params, norm, obs, action)
+
+
+def pendulum_true_step(step_args, obs, action):
+    """Pendulum-v1's dynamics, differentiable, on observations (cos, sin, thetadot):
+    gymnasium's functional JAX pendulum (the same equations as Pendulum-v1, with
+    its dt, g, m, l and speed clip) after recovering theta = atan2(sin, cos).
+    Note the speed clip at +-8: where it binds, d(thetadot')/d(.) = 0."""
+    from gymnasium.envs.phys2d.pendulum import PendulumFunctional
+
+    env = PendulumFunctional()
+    state = jnp.stack([jnp.arctan2(obs[1], obs[0]), obs[2]])
+    return env.observation(env.transition(state, action), None)
+
+
+def validate(args: Args) -> None:
+    """One-line errors for settings that cannot work."""
+    check_env_id(args.env_id)
+    space = make_env(args.env_id).action_space
+    if not isinstance(space, gym.spaces.Box):
+        fail(f"backprop through a model needs a continuous (Box) action space; "
+             f"'{args.env_id}' has {space}")
+    reward_function(args.env_id)  # fails if there is no differentiable reward
+    if args.dynamics == "true" and args.env_id != "Pendulum-v1":
+        fail(f"--dynamics true needs a differentiable simulator: only Pendulum-v1 has one here "
+             f"(MJX is not installed), not '{args.env_id}'")
+    if args.horizon < 1:
+        fail(f"--horizon must be >= 1, got {args.horizon}")
+    for name in ("eval_interval", "eval_episodes", "random_steps", "num_start_states",
+                 "policy_steps", "model_steps", "model_batch_size", "ensemble_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model_batch_size > args.random_steps:
+        fail(f"--model-batch-size ({args.model_batch_size}) is larger than the data at the first "
+             f"fit (--random-steps {args.random_steps})")
+    if args.total_timesteps < args.random_steps + args.eval_interval:
+        fail(f"--total-timesteps ({args.total_timesteps}) must be >= --random-steps + "
+             f"--eval-interval ({args.random_steps + args.eval_interval})")
+    if not 0 <= args.gamma <= 1 or args.grad_clip < 0 or args.exploration_noise < 0:
+        fail("need 0 <= gamma <= 1, --grad-clip >= 0 and --exploration-noise >= 0")
+
+
+# ----------------------------------------------------------------------------
+# Real-environment interaction (the only Python loop: the env is the robot)
+# ----------------------------------------------------------------------------
+def collect(env, act, obs, num_steps: int, data_np: dict, n: int):
+    """[1]/[4] Step the real env num_steps times with `act(obs) -> action`,
+    writing (s, a, s') at rows n.. of D. Truncation (time limit) and termination
+    both end the episode; s' is always the true next observation (the final
+    one, not the reset one), so the model never learns a jump to a reset.
+    Returns the observation to continue from and the finished episodes' returns."""
+    returns, ep_return = [], 0.0
+    for i in range(num_steps):
+        action = np.asarray(act(obs), dtype=np.float32)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        data_np["obs"][n + i], data_np["action"][n + i], data_np["next_obs"][n + i] = obs, action, next_obs
+        ep_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:
+            returns.append(ep_return)
+            ep_return = 0.0
+            obs, _ = env.reset()
+    return obs, returns
+
+
+def explore(act, params, noise: float, action_scale: float, rng, obs):
+    """[4] pi_theta(s) + N(0, noise^2), clipped to the action bounds."""
+    action = np.asarray(act(params, obs))
+    return np.clip(action + noise * rng.standard_normal(action.shape), -action_scale, action_scale)
+
+
+def evaluate(env, act, episodes: int) -> np.ndarray:
+    """[5] Returns of `episodes` full episodes of the deterministic policy."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ret = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(np.asarray(act(obs), dtype=np.float32))
+            ret += float(reward)
+            done = terminated or truncated
+        returns.append(ret)
+    return np.asarray(returns)
+
+
+def normalizer_from(data_np: dict, n: int) -> Normalizer:
+    """Mean and std (floored at 1e-6: constant dimensions such as Reacher's target)
+    of the model inputs and of the state differences in the first n rows of D."""
+    x = np.concatenate([data_np["obs"][:n], data_np["action"][:n]], 1)
+    d = data_np["next_obs"][:n] - data_np["obs"][:n]
+    return Normalizer(jnp.asarray(x.mean(0)), jnp.asarray(np.maximum(x.std(0), 1e-6)),
+                      jnp.asarray(d.mean(0)), jnp.asarray(np.maximum(d.std(0), 1e-6)))
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    validate(args)
+    key = seed_everything(args.seed)
+    run = Run(args)
+    env, eval_env = make_env(args.env_id), make_env(args.env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    action_scale = float(env.action_space.high[0])
+    reward_fn = reward_function(args.env_id)
+    cfg = Config(args.horizon, args.gamma, args.num_start_states, args.policy_steps,
+                 args.model_steps, args.model_batch_size, action_scale)
+    rng = np.random.default_rng(args.seed)
+
+    # Networks. The policy is trained with Adam, its gradient optionally clipped
+    # by global norm (the blunt, standard fix for exploding gradients: it caps
+    # the step length but cannot restore a gradient direction that is noise).
+    policy = make_policy(act_dim, args.policy_hidden)
+    key, k_pi, k_model = jax.random.split(key, 3)
+    policy_opt = optax.adam(args.policy_lr)
+    if args.grad_clip > 0:
+        policy_opt = optax.chain(optax.clip_by_global_norm(args.grad_clip), policy_opt)
+    policy_state = TrainState.create(apply_fn=policy.apply, params=policy.init(k_pi, jnp.zeros(obs_dim)),
+                                     tx=policy_opt)
+    policy_fn = partial(policy_action, policy, action_scale=action_scale)
+    act = jax.jit(lambda params, o: policy_fn(params, o))
+    model = MLP(args.model_hidden, obs_dim)
+    model_params = jax.vmap(model.init, in_axes=(0, None))(
+        jax.random.split(k_model, args.ensemble_size), jnp.zeros(obs_dim + act_dim))  # leading axis E
+    model_state = TrainState.create(apply_fn=model.apply, params=model_params,
+                                    tx=optax.adam(args.model_lr))
+    if args.dynamics == "learned":
+        step_fn = partial(learned_step, model)
+    else:
+        step_fn = pendulum_true_step
+
+    # D, preallocated (N = total_timesteps rows).
+    N = args.total_timesteps
+    data_np = {"obs": np.zeros((N, obs_dim), np.float32), "action": np.zeros((N, act_dim), np.float32),
+               "next_obs": np.zeros((N, obs_dim), np.float32)}
+
+    # [1] The base policy: uniformly random actions.
+    obs, _ = env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    eval_env.reset(seed=args.seed + 10_000)  # evaluation episodes: their own seed stream
+    obs, train_returns = collect(env, lambda o: env.action_space.sample(), obs, args.random_steps, data_np, 0)
+    n = args.random_steps
+    start = time.time()
+    history = []
+    iteration = 0
+    while n < N:
+        iteration += 1
+        it_start = time.time()
+        data = Data(*(jnp.asarray(data_np[k]) for k in ("obs", "action", "next_obs")))
+        metrics = {}
+        # [2] Fit the model on all of D (warm start from the last iteration's
+        # params; the normaliser follows the data, so the net's targets move a
+        # little each time, which a few hundred steps absorb).
+        norm = normalizer_from(data_np, n)
+        if args.dynamics == "learned":
+            if iteration > 1:  # one-step error on the newest data, before fitting to it: a held-out test
+                new = slice(n - args.eval_interval, n)
+                metrics["model/heldout_loss"] = model_loss(
+                    model, model_state.params, norm, data.obs[new], data.action[new],
+                    data.next_obs[new]) / args.ensemble_size
+            key, k = jax.random.split(key)
+            model_state, loss = fit_model(model, cfg, model_state, norm, data, n, k)
+            metrics["model/train_loss"] = loss / args.ensemble_size
+            step_args = (model_state.params, norm)
+        else:
+            step_args = ()
+        # [3] Backpropagate through the model into the policy.
+        key, k = jax.random.split(key)
+        policy_state, imagined, grad_norms = improve_policy(
+            policy_fn, step_fn, reward_fn, cfg, policy_state, step_args, data.obs, n, k)
+        metrics["policy/imagined_return"] = imagined[-1]
+        metrics["policy/grad_norm"] = jnp.median(grad_norms)
+        metrics["policy/grad_norm_max"] = grad_norms.max()
+        # [4] Run the policy with exploration noise in the real env; append to D.
+        params = policy_state.params
+        noise = args.exploration_noise * action_scale
+        steps = min(args.eval_interval, N - n)
+        obs, returns = collect(env, partial(explore, act, params, noise, action_scale, rng),
+                               obs, steps, data_np, n)
+        train_returns += returns
+        n += steps
+        check_finite(n, **{k: v for k, v in metrics.items() if k != "policy/grad_norm_max"},
+                     policy_params=ravel_pytree(params)[0])
+        # [5] Evaluate the deterministic policy.
+        eval_returns = evaluate(eval_env, partial(act, params), args.eval_episodes)
+        metrics.update({"eval/return": eval_returns.mean(), "eval/return_std": eval_returns.std(),
+                        "iteration": iteration, "iteration_seconds": time.time() - it_start,
+                        "sps": (n - args.random_steps) / (time.time() - start)})
+        if returns:
+            metrics["train/episode_return"] = float(np.mean(returns))
+        run.log(metrics, n)
+        history.append({"step": n, **{k: float(v) for k, v in metrics.items()}})
+
+    wall = time.time() - start
+    summary = {"final_eval_return": history[-1]["eval/return"], "wall_seconds": wall}
+    run.log(summary, n)
+    if args.save_model:
+        path = save_checkpoint(run.dir / "model.msgpack", {
+            "policy": policy_state.params, "model": model_state.params, "normalizer": norm._asdict(),
+            "policy_opt_state": policy_state.opt_state, "model_opt_state": model_state.opt_state})
+        print(f"saved {path}")
+    if args.capture_video:
+        folder = record_video(make_env(args.env_id, render_mode="rgb_array"),
+                              lambda o: np.asarray(act(policy_state.params, o)), run.dir / "videos",
+                              episodes=1, seed=args.seed)
+        print(f"video in {folder}")
+    run.close()
+    return {"history": history, "policy_params": policy_state.params, "model_params": model_state.params,
+            "normalizer": norm, "data": {k: v[:n] for k, v in data_np.items()}, "run_dir": run.dir,
+            "train_returns": train_returns, **summary}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

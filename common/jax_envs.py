@@ -21,6 +21,19 @@ Contents
   Blocking Maze (Example 8.2) and the Shortcut Maze (Example 8.3).
 - `tabular_model(env, params)`: the exact (P, R, terminal) arrays of a tabular
   env, for value iteration and tests.
+
+Task families (meta-RL: RL², MAML, PEARL). Each has `sample_tasks(key, n)`,
+which returns n tasks as one `params` pytree with a leading axis of size n,
+and a fixed episode length `horizon` (registered as gymnasium's
+`max_episode_steps`, so the end of an episode is a truncation, not a terminal):
+- `BernoulliBandit`: k arms with means uniform in [0, 1]; one pull is one
+  episode (Duan et al. 2016, "RL²", Sec. 3.1).
+- `RandomMDP`: random tabular MDPs, 10 states, 5 actions, horizon 10, mean
+  rewards N(1, 1) with unit-variance reward noise, transitions Dirichlet(1),
+  episodes start in state 0 (Duan et al. 2016, Sec. 3.2).
+- `PointNav2D`: a point moves by velocity commands clipped to [-0.1, 0.1] from
+  the origin towards a goal uniform in [-0.5, 0.5]^2; reward minus the
+  distance to the goal; horizon 100 (Finn et al. 2017, "MAML", Sec. 5.3).
 """
 
 from __future__ import annotations
@@ -272,6 +285,210 @@ def tabular_model(env: Maze, params=None):
 
 
 # --------------------------------------------------------------------------
+# Task families for meta-RL
+# --------------------------------------------------------------------------
+class BanditParams(NamedTuple):
+    """The task of a Bernoulli bandit: the arms' success probabilities."""
+
+    means: jax.Array  # (k,) float32
+
+
+class BernoulliBandit(FuncEnv):
+    """k-armed Bernoulli bandit; a pull of arm a pays 1 with probability means[a].
+
+    Following Duan et al. (2016, Sec. 3.1), one pull is one episode: the
+    observation is a constant 0 (Discrete(1)) and the state only records
+    whether the arm was pulled (terminal then). A "trial" of n pulls is n
+    episodes on the same task.
+    """
+
+    horizon = 1
+
+    def __init__(self, num_arms: int = 5):
+        self.num_arms = int(num_arms)
+        super().__init__()
+        self.observation_space = spaces.Discrete(1)
+        self.action_space = spaces.Discrete(self.num_arms)
+
+    def sample_tasks(self, key, n: int) -> BanditParams:
+        """n tasks, arm means i.i.d. uniform in [0, 1]: means (n, k)."""
+        return BanditParams(jax.random.uniform(key, (n, self.num_arms)))
+
+    def get_default_params(self, **kwargs) -> BanditParams:
+        return jax.tree.map(lambda x: x[0], self.sample_tasks(jax.random.PRNGKey(0), 1))
+
+    def _params(self, params):
+        return self.default_params if params is None else params
+
+    def initial(self, rng, params=None):
+        return jnp.int32(0)  # 0: not pulled yet, 1: pulled
+
+    def transition(self, state, action, rng, params=None):
+        return jnp.int32(1)
+
+    def observation(self, state, rng, params=None):
+        return jnp.int32(0)
+
+    def terminal(self, state, rng, params=None):
+        return state == 1
+
+    def reward(self, state, action, next_state, rng, params=None):
+        p = self._params(params).means[action]
+        return jax.random.bernoulli(rng, p).astype(jnp.float32)
+
+    # Rendering (numpy only): one bar per arm, as tall as its mean.
+    def render_init(self, params=None, **kwargs):
+        return None
+
+    def render_image(self, state, render_state, params=None, size: int = 64):
+        means = np.asarray(self._params(params).means)
+        img = np.full((size, 8 * self.num_arms, 3), 235, dtype=np.uint8)
+        for a, m in enumerate(means):
+            img[size - int(m * size):, 8 * a + 1: 8 * a + 7] = (40, 90, 220)
+        return render_state, img
+
+    def render_close(self, render_state, params=None):
+        pass
+
+
+class MDPParams(NamedTuple):
+    """The task of a tabular MDP."""
+
+    transitions: jax.Array  # (S, A, S) P(s' | s, a)
+    mean_rewards: jax.Array  # (S, A) E[r | s, a]
+
+
+class RandomMDP(FuncEnv):
+    """Random tabular MDPs as in Duan et al. (2016, Sec. 3.2).
+
+    Per task: P(. | s, a) ~ Dirichlet(1, ..., 1) (a flat Dirichlet) and mean
+    rewards mu(s, a) ~ N(1, 1); a step pays mu(s, a) + N(0, 1). Every episode
+    starts in state 0 and lasts `horizon` steps; there is no terminal state.
+    The observation is the state index (Discrete(S)).
+    """
+
+    def __init__(self, num_states: int = 10, num_actions: int = 5, horizon: int = 10):
+        self.num_states, self.num_actions, self.horizon = int(num_states), int(num_actions), int(horizon)
+        super().__init__()
+        self.observation_space = spaces.Discrete(self.num_states)
+        self.action_space = spaces.Discrete(self.num_actions)
+
+    def sample_tasks(self, key, n: int) -> MDPParams:
+        """n tasks: transitions (n, S, A, S), mean rewards (n, S, A)."""
+        k_p, k_r = jax.random.split(key)
+        S, A = self.num_states, self.num_actions
+        P = jax.random.dirichlet(k_p, jnp.ones(S), (n, S, A))
+        return MDPParams(P, 1.0 + jax.random.normal(k_r, (n, S, A)))
+
+    def get_default_params(self, **kwargs) -> MDPParams:
+        return jax.tree.map(lambda x: x[0], self.sample_tasks(jax.random.PRNGKey(0), 1))
+
+    def _params(self, params):
+        return self.default_params if params is None else params
+
+    def initial(self, rng, params=None):
+        return jnp.int32(0)
+
+    def transition(self, state, action, rng, params=None):
+        p = self._params(params).transitions[state, action]
+        return jax.random.choice(rng, self.num_states, p=p).astype(jnp.int32)
+
+    def observation(self, state, rng, params=None):
+        return state
+
+    def terminal(self, state, rng, params=None):
+        return jnp.bool_(False)
+
+    def reward(self, state, action, next_state, rng, params=None):
+        noise = jax.random.normal(jax.random.fold_in(rng, 1))  # independent of the transition's draw
+        return self._params(params).mean_rewards[state, action] + noise
+
+    # Rendering (numpy only): a row of states, the current one in blue.
+    def render_init(self, params=None, **kwargs):
+        return None
+
+    def render_image(self, state, render_state, params=None, cell: int = 24):
+        img = np.full((1, self.num_states, 3), 235, dtype=np.uint8)
+        img[0, int(state)] = (40, 90, 220)
+        return render_state, np.kron(img, np.ones((cell, cell, 1), dtype=np.uint8))
+
+    def render_close(self, render_state, params=None):
+        pass
+
+
+class PointNavParams(NamedTuple):
+    """The task of 2-D point navigation: where the goal is."""
+
+    goal: jax.Array  # (2,) float32
+
+
+class PointNav2D(FuncEnv):
+    """2-D point navigation (Finn et al. 2017, Sec. 5.3; their code's point env).
+
+    The state and observation are the position (2,), starting at the origin;
+    an action is a velocity command, clipped to [-0.1, 0.1] per coordinate;
+    the reward is minus the distance from the new position to the goal.
+    Episodes last `horizon` = 100 steps (no early termination).
+    """
+
+    def __init__(self, horizon: int = 100):
+        self.horizon = int(horizon)
+        super().__init__()
+        bound = 0.1 * self.horizon  # the farthest a point can get in one episode
+        self.observation_space = spaces.Box(-bound, bound, (2,), np.float32)
+        self.action_space = spaces.Box(-0.1, 0.1, (2,), np.float32)
+
+    def sample_tasks(self, key, n: int) -> PointNavParams:
+        """n tasks, goals uniform in [-0.5, 0.5]^2: goal (n, 2)."""
+        return PointNavParams(jax.random.uniform(key, (n, 2), minval=-0.5, maxval=0.5))
+
+    def get_default_params(self, **kwargs) -> PointNavParams:
+        return PointNavParams(jnp.array([0.3, -0.2], jnp.float32))
+
+    def _params(self, params):
+        return self.default_params if params is None else params
+
+    def initial(self, rng, params=None):
+        return jnp.zeros(2, jnp.float32)
+
+    def transition(self, state, action, rng, params=None):
+        return state + jnp.clip(jnp.asarray(action, jnp.float32), -0.1, 0.1)
+
+    def observation(self, state, rng, params=None):
+        return state
+
+    def terminal(self, state, rng, params=None):
+        return jnp.bool_(False)
+
+    def reward(self, state, action, next_state, rng, params=None):
+        return -jnp.linalg.norm(next_state - self._params(params).goal)
+
+    # Rendering (numpy only): the square [-1, 1]^2, goal in green, point in blue.
+    def render_init(self, params=None, **kwargs):
+        return None
+
+    def render_image(self, state, render_state, params=None, size: int = 128):
+        img = np.full((size, size, 3), 235, dtype=np.uint8)
+
+        def pixel(xy):  # x to the right, y up
+            col, row = (np.clip(np.asarray(xy), -1, 1) + 1) / 2 * (size - 1)
+            return int(size - 1 - row), int(col)
+
+        for xy, colour in ((self._params(params).goal, (60, 170, 60)), (state, (40, 90, 220))):
+            r, c = pixel(xy)
+            img[max(r - 2, 0): r + 3, max(c - 2, 0): c + 3] = colour
+        return render_state, img
+
+    def render_close(self, render_state, params=None):
+        pass
+
+
+def is_task_family(func_env: Any) -> bool:
+    """True for a FuncEnv that can sample tasks (a meta-RL task family)."""
+    return callable(getattr(func_env, "sample_tasks", None)) and hasattr(func_env, "horizon")
+
+
+# --------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------
 def _maze_entry(render_mode=None, **kwargs):
@@ -280,6 +497,18 @@ def _maze_entry(render_mode=None, **kwargs):
 
 def _changing_maze_entry(render_mode=None, **kwargs):
     return JaxEnv(ChangingMaze(**kwargs), render_mode=render_mode)
+
+
+def _bandit_entry(render_mode=None, **kwargs):
+    return JaxEnv(BernoulliBandit(**kwargs), render_mode=render_mode)
+
+
+def _mdp_entry(render_mode=None, **kwargs):
+    return JaxEnv(RandomMDP(**kwargs), render_mode=render_mode)
+
+
+def _point_nav_entry(render_mode=None, **kwargs):
+    return JaxEnv(PointNav2D(**kwargs), render_mode=render_mode)
 
 
 REGISTERED = {
@@ -293,14 +522,24 @@ REGISTERED = {
         _changing_maze_entry,
         {"layout": SHORTCUT_MAZE, "layout_after": SHORTCUT_MAZE_AFTER, "change_step": 3000},
     ),
+    # Task families (meta-RL). The task is `params`, or reset(options={"task": ...}).
+    "BernoulliBandit2-v0": (_bandit_entry, {"num_arms": 2}),
+    "BernoulliBandit5-v0": (_bandit_entry, {"num_arms": 5}),
+    "BernoulliBandit10-v0": (_bandit_entry, {"num_arms": 10}),
+    "BernoulliBandit50-v0": (_bandit_entry, {"num_arms": 50}),
+    "RandomMDP-v0": (_mdp_entry, {"num_states": 10, "num_actions": 5, "horizon": 10}),
+    "PointNav2D-v0": (_point_nav_entry, {"horizon": 100}),
 }
+# Fixed episode lengths, enforced by gymnasium's TimeLimit (a truncation).
+MAX_EPISODE_STEPS = {"RandomMDP-v0": 10, "PointNav2D-v0": 100}
 
 
 def register_all() -> None:
     """Register every env of this module with gymnasium (idempotent)."""
     for env_id, (entry, kwargs) in REGISTERED.items():
         if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point=entry, kwargs=dict(kwargs))
+            gym.register(id=env_id, entry_point=entry, kwargs=dict(kwargs),
+                         max_episode_steps=MAX_EPISODE_STEPS.get(env_id))
 
 
 register_all()

@@ -1,0 +1,512 @@
+"""RL²: a recurrent policy trained across tasks learns to learn.
+
+Papers:
+- Duan, Schulman, Chen, Bartlett, Sutskever, Abbeel 2016, "RL²: Fast
+  Reinforcement Learning via Slow Reinforcement Learning",
+  https://arxiv.org/abs/1611.02779 (Sec. 2.2 the formulation, Fig. 1; Sec. 3.1
+  bandits, Table 1; Sec. 3.2 tabular MDPs, Table 2).
+- Wang et al. 2016, "Learning to Reinforcement Learn",
+  https://arxiv.org/abs/1611.05763 (the same idea, with A2C).
+- CS 285 (Levine), meta-RL lecture: "meta-RL with recurrent policies".
+
+A task (a bandit, an MDP) is drawn from a distribution; the agent interacts
+with it for a *trial* of n episodes. The policy is a recurrent network (a GRU)
+whose input at each step is (observation, previous action, previous reward,
+done flag). Its hidden state is reset at the start of a trial and *kept across
+the episode boundaries inside it*, so it can carry what was learnt about the
+task (which arm pays, where the rewards are) into the next episode. The
+"slow" outer RL algorithm (here PPO; Duan et al. used TRPO) maximises the
+total reward of the whole trial; the "fast" RL algorithm it discovers is the
+recurrent network's state update. No gradient step happens at test time.
+
+What this file implements: the GRU actor and critic, trial rollouts on pure-
+JAX task families (common/jax_envs.py: BernoulliBandit*, RandomMDP,
+PointNav2D), GAE over the whole trial, and PPO (clipped objective,
+minibatches of whole trials, back-propagation through the whole trial).
+Everything, sampling included, is one jitted program: `lax.scan` over PPO
+iterations, `vmap` over the meta-batch of tasks and over seeds. Left out:
+TRPO (PPO is the issue's choice and the usual one since), the paper's
+vision-based maze (Sec. 3.3). The hand-written baselines (UCB1, Thompson
+sampling, PSRL, ...) live in benchmarks/rl2.py.
+
+Run:
+    python -m algos.rl2                                        # 5 arms, n = 10
+    python -m algos.rl2 --env-id BernoulliBandit10-v0 --episodes-per-trial 100
+    python -m algos.rl2 --env-id RandomMDP-v0 --episodes-per-trial 10
+    python -m algos.rl2 --num-seeds 3                          # 3 seeds, one program
+
+Algorithm (numbers mark the code below):
+    Initialise the GRU policy pi_theta and value V_phi.
+    Repeat for each PPO iteration:
+      [1] sample a meta-batch of B tasks M_i ~ p(M)
+      [2] for each task, run one trial of n episodes (T = n * H steps):
+            h_0 = 0 (reset between trials, never inside one)
+            x_t = (obs_t, a_{t-1}, r_{t-1}, d_{t-1})      (zeros at t = 0)
+            h_{t+1}, pi(.|h), V(h) = GRU(h_t, x_t);  a_t ~ pi
+            step the env; at the end of an episode reset the env but NOT h
+      [3] GAE over the whole trial: an episode boundary is not a terminal
+          for the meta-learner (its return runs to the end of the trial)
+            delta_t = r_t + gamma V_{t+1} - V_t,  V_T = 0
+            A_t = sum_l (gamma lambda)^l delta_{t+l},  R_t = A_t + V_t
+      [4] for E epochs, for minibatches of whole trials:
+            re-run the GRU over each trial from h_0 = 0 (backprop through time),
+            L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A)
+                + c_v (V - R)^2 - c_H entropy,  rho = pi_new / pi_old;  Adam step
+      [5] every eval_interval env steps: mean total reward per trial on new tasks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from gymnasium import spaces
+from jax.flatten_util import ravel_pytree
+
+from common.envs import make_env
+from common.experiment import CommonArgs, Run, check_finite, fail, save_checkpoint, seed_everything
+from common.jax_envs import func_env_of, is_task_family
+
+
+@dataclasses.dataclass
+class Args(CommonArgs):
+    env_id: str = "BernoulliBandit5-v0"
+    """a pure-JAX task family: BernoulliBandit{2,5,10,50}-v0, RandomMDP-v0, PointNav2D-v0"""
+    total_timesteps: int = 1_536_000
+    """env steps of training per seed (all tasks together)"""
+    eval_interval: int = 128_000
+    """evaluate on new tasks every this many env steps (rounded to whole PPO iterations)"""
+    eval_episodes: int = 1000
+    """trials per evaluation, each on a newly sampled task (Duan et al.: 1000)"""
+    num_seeds: int = 1
+    """independent training runs, vmapped in one jitted program"""
+    episodes_per_trial: int = 10
+    """n, episodes per trial on the same task (hidden state kept across them)"""
+    meta_batch: int = 256
+    """B, trials (tasks) sampled per PPO iteration"""
+    hidden_size: int = 256
+    """GRU units of the policy and of the value network (Duan et al.: 256)"""
+    learning_rate: float = 1e-3
+    """Adam step size"""
+    gamma: float = 0.99
+    """discount over the whole trial"""
+    gae_lambda: float = 0.3
+    """GAE lambda (a low value: the value network sees the whole history)"""
+    clip_coef: float = 0.2
+    """PPO ratio clipping epsilon"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+    update_epochs: int = 4
+    """PPO epochs over each batch of trials"""
+    num_minibatches: int = 4
+    """minibatches of whole trials per epoch"""
+    eval_greedy: bool = False
+    """evaluate the most likely action instead of sampling (the policy's own
+    randomness is part of the exploration it learnt, so the default samples)"""
+
+
+class Config(NamedTuple):
+    """The static numbers the jitted program is built for."""
+
+    obs_dim: int  # size of the encoded observation
+    discrete_obs: bool
+    action_dim: int  # number of actions, or size of a continuous action
+    discrete_action: bool
+    horizon: int  # H, steps per episode
+    episodes_per_trial: int  # n
+    meta_batch: int
+    hidden_size: int
+    learning_rate: float
+    gamma: float
+    gae_lambda: float
+    clip_coef: float
+    ent_coef: float
+    vf_coef: float
+    max_grad_norm: float
+    update_epochs: int
+    num_minibatches: int
+    updates_per_eval: int
+    num_evals: int
+    eval_trials: int
+    eval_greedy: bool
+    num_seeds: int
+
+    @property
+    def trial_len(self) -> int:  # T = n * H
+        return self.episodes_per_trial * self.horizon
+
+    @property
+    def input_dim(self) -> int:  # obs, previous action, previous reward, done flag
+        return self.obs_dim + self.action_dim + 2
+
+
+# ----------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------
+class RecurrentActorCritic(nn.Module):
+    """Two GRUs reading the same inputs: one for the policy, one for the value.
+
+    Separate networks keep the value regression (targets up to tens or
+    hundreds on MDPs) from swamping the policy's features. The carry is both
+    hidden states side by side: (..., 2 * hidden_size).
+    """
+
+    action_dim: int
+    hidden_size: int
+    discrete_action: bool
+
+    @nn.compact
+    def __call__(self, h, x):
+        h_pi, h_v = jnp.split(h, 2, axis=-1)
+        h_pi, y_pi = nn.GRUCell(self.hidden_size, name="policy_gru")(h_pi, x)
+        h_v, y_v = nn.GRUCell(self.hidden_size, name="value_gru")(h_v, x)
+        # logits (discrete) or mean (continuous); small init = near-uniform start
+        out = nn.Dense(self.action_dim, kernel_init=nn.initializers.orthogonal(0.01), name="policy")(y_pi)
+        value = nn.Dense(1, name="value")(y_v)[..., 0]
+        if not self.discrete_action:
+            log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+            out = jnp.concatenate([out, jnp.broadcast_to(log_std, out.shape)], axis=-1)
+        return jnp.concatenate([h_pi, h_v], axis=-1), out, value
+
+
+class Trajectory(NamedTuple):
+    """One trial (leading axes (T,), or (B, T) for a meta-batch)."""
+
+    x: jax.Array  # (T, input_dim) the GRU inputs, so the loss can re-run it
+    action: jax.Array  # (T,) int32 or (T, action_dim)
+    logp: jax.Array  # (T,) log pi_old(a_t | h_t)
+    value: jax.Array  # (T,) V_old(h_t)
+    reward: jax.Array  # (T,)
+    done: jax.Array  # (T,) bool, an episode ended at this step (not the trial)
+
+
+class Carry(NamedTuple):
+    train_state: TrainState
+    key: jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------
+def make_network(cfg: Config) -> RecurrentActorCritic:
+    return RecurrentActorCritic(cfg.action_dim, cfg.hidden_size, cfg.discrete_action)
+
+
+def encode_action(action, cfg: Config) -> jax.Array:
+    """An action as a GRU input: one-hot if discrete, the vector itself if continuous."""
+    return jax.nn.one_hot(action, cfg.action_dim) if cfg.discrete_action else jnp.asarray(action, jnp.float32)
+
+
+def encode_input(obs, prev_action, prev_reward, prev_done, cfg: Config) -> jax.Array:
+    """x_t = (obs_t, a_{t-1}, r_{t-1}, d_{t-1}) as one vector (input_dim,) (Duan Sec. 2.2).
+
+    `prev_action` is already encoded (`encode_action`; zeros at the start of a
+    trial, when there is no previous action). Discrete observations are
+    one-hot. d_{t-1} = 1 says "obs_t is the first observation of a new episode
+    of the same task": the network must not forget, but may re-plan."""
+    o = jax.nn.one_hot(obs, cfg.obs_dim) if cfg.discrete_obs else jnp.reshape(obs, (cfg.obs_dim,))
+    return jnp.concatenate([o, prev_action, jnp.stack([prev_reward, prev_done]).astype(jnp.float32)])
+
+
+def distribution(out, cfg: Config):
+    """(log_prob(a), entropy, sample(key), mode) of the policy head's output."""
+    if cfg.discrete_action:
+        logp_all = jax.nn.log_softmax(out)
+        return (lambda a: jnp.take_along_axis(logp_all, a[..., None], -1)[..., 0],
+                -(jnp.exp(logp_all) * logp_all).sum(-1),
+                lambda k: jax.random.categorical(k, out), jnp.argmax(out, -1))
+    mean, log_std = jnp.split(out, 2, axis=-1)  # diagonal Gaussian
+    log_prob = lambda a: (-0.5 * ((a - mean) / jnp.exp(log_std)) ** 2 - log_std
+                          - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+    entropy = (log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e)).sum(-1)
+    return log_prob, entropy, lambda k: mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape), mean
+
+
+def rollout_trial(params, env, task, key, cfg: Config, greedy: bool = False,
+                  record_hidden: bool = False):
+    """[2] One trial of n episodes on `task` (T = n * H steps).
+
+    The hidden state starts at zero and is carried through every step of the
+    trial, across episode boundaries; only the env is reset when an episode
+    ends. Returns a `Trajectory` (T, ...) and, if `record_hidden`, the hidden
+    state *entering* each step (T, 2 * hidden_size), for tests.
+    """
+    net = make_network(cfg)
+    k_init, key = jax.random.split(key)
+    state = env.initial(k_init, task)
+
+    def step(carry, t):
+        state, obs, h, prev_a, prev_r, prev_d, key = carry
+        key, k_act, k_env, k_reset = jax.random.split(key, 4)
+        x = encode_input(obs, prev_a, prev_r, prev_d, cfg)
+        h_next, out, value = net.apply(params, h, x)
+        log_prob, _, sample, mode = distribution(out, cfg)
+        a = mode if greedy else sample(k_act)
+        next_state = env.transition(state, a, k_env, task)
+        r = env.reward(state, a, next_state, k_env, task).astype(jnp.float32)
+        # An episode ends on a terminal state or after H steps (time limit).
+        done = env.terminal(next_state, k_env, task) | ((t + 1) % cfg.horizon == 0)
+        reset = env.initial(k_reset, task)
+        next_state = jax.tree.map(lambda a_, b_: jnp.where(done, a_, b_), reset, next_state)
+        next_obs = env.observation(next_state, k_env, task)
+        traj = Trajectory(x, a, log_prob(a), value, r, done)
+        next_carry = (next_state, next_obs, h_next, encode_action(a, cfg), r, done.astype(jnp.float32), key)
+        return next_carry, (traj, h)
+
+    h0 = jnp.zeros(2 * cfg.hidden_size)  # reset between trials
+    no_action = jnp.zeros(cfg.action_dim)  # no previous action at t = 0: zeros, not a one-hot
+    init = (state, env.observation(state, k_init, task), h0, no_action, jnp.float32(0.0),
+            jnp.float32(0.0), key)
+    _, (traj, hidden) = jax.lax.scan(step, init, jnp.arange(cfg.trial_len))
+    return (traj, hidden) if record_hidden else traj
+
+
+def gae(rewards, values, gamma: float, lam: float):
+    """[3] GAE over one whole trial: rewards, values (T,) -> advantages, returns (T,).
+
+    Episode boundaries inside the trial are deliberately *not* cut: for the
+    meta-learner the trial is one episode, and exploring in episode 1 pays
+    off in episodes 2..n. Only the trial's end is terminal (V_T = 0).
+    """
+    next_values = jnp.append(values[1:], 0.0)
+    deltas = rewards + gamma * next_values - values
+
+    def backward(adv, delta):
+        adv = delta + gamma * lam * adv
+        return adv, adv
+
+    _, adv = jax.lax.scan(backward, jnp.float32(0.0), deltas, reverse=True)
+    return adv, adv + values
+
+
+def unroll(params, x, cfg: Config):
+    """Re-run the GRU over trials from h_0 = 0: x (M, T, in) -> out (M, T, .), values (M, T)."""
+    net = make_network(cfg)
+
+    def step(h, x_t):  # x_t (M, in): all trials of the minibatch advance together
+        h, out, value = net.apply(params, h, x_t)
+        return h, (out, value)
+
+    h0 = jnp.zeros((x.shape[0], 2 * cfg.hidden_size))
+    _, (out, values) = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))  # time-major inside
+    return jnp.swapaxes(out, 0, 1), jnp.swapaxes(values, 0, 1)
+
+
+def ppo_loss(params, batch: Trajectory, adv, returns, cfg: Config):
+    """[4] PPO clipped surrogate + value regression - entropy bonus, on whole trials.
+
+    The gradient flows through the GRU over all T steps of each trial
+    (backprop through time), so the policy learns what to remember."""
+    out, values = unroll(params, batch.x, cfg)
+    log_prob, entropy, _, _ = distribution(out, cfg)
+    logp = log_prob(batch.action)
+    log_ratio = logp - batch.logp
+    ratio = jnp.exp(log_ratio)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # per-minibatch normalisation
+    pg_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * adv).mean()
+    v_loss = 0.5 * ((values - returns) ** 2).mean()
+    ent = entropy.mean()
+    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+    approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance KL estimator
+    return loss, {"loss/policy": pg_loss, "loss/value": v_loss, "loss/entropy": ent,
+                  "loss/approx_kl": approx_kl}
+
+
+def ppo_iteration(carry: Carry, env, cfg: Config):
+    """[1]-[4] One PPO iteration on a fresh meta-batch of tasks."""
+    ts, key = carry
+    key, k_task, k_roll, k_perm = jax.random.split(key, 4)
+    B, M = cfg.meta_batch, cfg.meta_batch // cfg.num_minibatches
+    # [1] a meta-batch of tasks, one trial each
+    tasks = env.sample_tasks(k_task, B)
+    # [2] trials, vmapped over tasks: every leaf (B, T, ...)
+    traj = jax.vmap(lambda task, k: rollout_trial(ts.params, env, task, k, cfg))(
+        tasks, jax.random.split(k_roll, B))
+    # [3] GAE over each whole trial
+    adv, returns = jax.vmap(lambda r, v: gae(r, v, cfg.gamma, cfg.gae_lambda))(traj.reward, traj.value)
+
+    # [4] epochs of minibatches of whole trials (never cut a trial: the GRU needs its start)
+    def epoch(ts, k):
+        perm = jax.random.permutation(k, B).reshape(cfg.num_minibatches, M)
+
+        def minibatch(ts, idx):
+            take = lambda x: x[idx]
+            grads, info = jax.grad(ppo_loss, has_aux=True)(
+                ts.params, jax.tree.map(take, traj), adv[idx], returns[idx], cfg)
+            return ts.apply_gradients(grads=grads), info
+
+        return jax.lax.scan(minibatch, ts, perm)
+
+    ts, info = jax.lax.scan(epoch, ts, jax.random.split(k_perm, cfg.update_epochs))
+    metrics = {k: v.mean() for k, v in info.items()}
+    metrics["train/trial_reward"] = traj.reward.sum(1).mean()
+    return Carry(ts, key), metrics
+
+
+def evaluate(params, env, key, cfg: Config):
+    """[5] Trials on new tasks: total reward of each episode of each trial (E, n)."""
+    k_task, k_roll = jax.random.split(key)
+    tasks = env.sample_tasks(k_task, cfg.eval_trials)
+    traj = jax.vmap(lambda task, k: rollout_trial(params, env, task, k, cfg, greedy=cfg.eval_greedy))(
+        tasks, jax.random.split(k_roll, cfg.eval_trials))
+    return traj.reward.reshape(cfg.eval_trials, cfg.episodes_per_trial, cfg.horizon).sum(-1)
+
+
+def init_carry(key, cfg: Config) -> Carry:
+    k_net, key = jax.random.split(key)
+    params = make_network(cfg).init(k_net, jnp.zeros(2 * cfg.hidden_size), jnp.zeros(cfg.input_dim))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.learning_rate, eps=1e-5))
+    return Carry(TrainState.create(apply_fn=None, params=params, tx=tx), key)
+
+
+def make_train(env, cfg: Config, log_fn=None):
+    """Build the jitted `train(key)`: cfg.num_seeds runs of RL² as one program.
+
+    Returns the final params (leading seed axis), the per-iteration training
+    metrics (num_evals * updates_per_eval, seeds) and the evaluations
+    (num_evals + 1, seeds, eval_trials, n), the first before any training.
+    """
+    steps_per_update = cfg.meta_batch * cfg.trial_len
+
+    def period(carry: Carry):
+        carry, metrics = jax.lax.scan(lambda c, _: ppo_iteration(c, env, cfg), carry, None,
+                                      length=cfg.updates_per_eval)
+        k_eval, key = jax.random.split(carry.key)
+        return Carry(carry.train_state, key), metrics, evaluate(carry.train_state.params, env, k_eval, cfg)
+
+    def train(key):
+        carry = jax.vmap(lambda k: init_carry(k, cfg))(jax.random.split(key, cfg.num_seeds))
+        k_eval0 = jax.random.fold_in(key, 7)
+        eval0 = jax.vmap(lambda p: evaluate(p, env, k_eval0, cfg))(carry.train_state.params)
+
+        def body(carry, i):
+            carry, metrics, ev = jax.vmap(period)(carry)
+            if log_fn is not None:  # progress, as means over seeds
+                step = (i + 1) * cfg.updates_per_eval * steps_per_update
+                jax.debug.callback(log_fn, step, {
+                    "eval/trial_reward": ev.sum(-1).mean(),
+                    **{k: v.mean() for k, v in metrics.items()}}, ordered=True)
+            return carry, (metrics, ev)
+
+        carry, (metrics, evals) = jax.lax.scan(body, carry, jnp.arange(cfg.num_evals))
+        metrics = jax.tree.map(lambda m: jnp.swapaxes(m, 1, 2).reshape(-1, cfg.num_seeds), metrics)
+        return carry.train_state.params, metrics, jnp.concatenate([eval0[None], evals])
+
+    return jax.jit(train)
+
+
+# ----------------------------------------------------------------------------
+# Set-up: checks and the static config
+# ----------------------------------------------------------------------------
+def make_task_family(env_id: str):
+    """The pure-JAX task family behind `env_id`, or a one-line error saying why not."""
+    func_env = func_env_of(make_env(env_id))
+    if func_env is None or not is_task_family(func_env):
+        fail(f"RL² trains across a distribution of tasks and needs a pure-JAX task family with "
+             f"sample_tasks (BernoulliBandit5-v0, RandomMDP-v0, PointNav2D-v0, ...); '{env_id}' is not one")
+    return func_env
+
+
+def validate(args: Args) -> None:
+    """One-line errors for settings that cannot work."""
+    for name in ("episodes_per_trial", "meta_batch", "hidden_size", "update_epochs", "num_minibatches",
+                 "num_seeds", "eval_episodes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.meta_batch % args.num_minibatches:
+        fail(f"--meta-batch ({args.meta_batch}) must be a multiple of --num-minibatches "
+             f"({args.num_minibatches}): minibatches hold whole trials")
+    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1 and args.clip_coef > 0
+            and args.learning_rate > 0):
+        fail("need 0 <= gamma <= 1, 0 <= gae-lambda <= 1, clip-coef > 0 and learning-rate > 0")
+    if args.capture_video:
+        fail("--capture-video is not supported by RL²: a trial of a task family has nothing worth filming")
+
+
+def config_from_args(args: Args, env) -> Config:
+    obs_space, act_space = env.observation_space, env.action_space
+    discrete_obs = isinstance(obs_space, spaces.Discrete)
+    discrete_action = isinstance(act_space, spaces.Discrete)
+    steps_per_update = args.meta_batch * args.episodes_per_trial * env.horizon
+    if args.total_timesteps < steps_per_update:
+        fail(f"--total-timesteps ({args.total_timesteps}) is less than one PPO iteration "
+             f"(meta-batch {args.meta_batch} x {args.episodes_per_trial} episodes x {env.horizon} steps "
+             f"= {steps_per_update})")
+    updates_per_eval = max(1, args.eval_interval // steps_per_update)
+    return Config(
+        obs_dim=int(obs_space.n) if discrete_obs else int(np.prod(obs_space.shape)),
+        discrete_obs=discrete_obs,
+        action_dim=int(act_space.n) if discrete_action else int(np.prod(act_space.shape)),
+        discrete_action=discrete_action,
+        horizon=int(env.horizon), episodes_per_trial=args.episodes_per_trial,
+        meta_batch=args.meta_batch, hidden_size=args.hidden_size, learning_rate=args.learning_rate,
+        gamma=args.gamma, gae_lambda=args.gae_lambda, clip_coef=args.clip_coef, ent_coef=args.ent_coef,
+        vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, update_epochs=args.update_epochs,
+        num_minibatches=args.num_minibatches, updates_per_eval=updates_per_eval,
+        num_evals=max(1, args.total_timesteps // (updates_per_eval * steps_per_update)),
+        eval_trials=args.eval_episodes, eval_greedy=args.eval_greedy, num_seeds=args.num_seeds,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    validate(args)
+    env = make_task_family(args.env_id)
+    cfg = config_from_args(args, env)
+    key = seed_everything(args.seed)
+    run = Run(args)
+    steps_per_update = cfg.meta_batch * cfg.trial_len
+    print(f"RL² on {args.env_id}: trials of n = {cfg.episodes_per_trial} episodes x H = {cfg.horizon} "
+          f"steps, meta-batch {cfg.meta_batch}, {cfg.num_evals * cfg.updates_per_eval} PPO iterations "
+          f"x {steps_per_update} env steps, {cfg.num_seeds} seed(s)", flush=True)
+    start = time.time()
+
+    def log_fn(step, metrics):  # called from inside the jitted program
+        step = int(step)
+        run.log({**metrics, "steps_per_second": step * cfg.num_seeds / max(time.time() - start, 1e-9)}, step)
+
+    train = make_train(env, cfg, log_fn)
+    params, metrics, evals = jax.block_until_ready(train(key))
+    wall = time.time() - start
+    steps = cfg.num_evals * cfg.updates_per_eval * steps_per_update
+    check_finite(steps, **{k: v for k, v in metrics.items()}, params=ravel_pytree(params)[0])
+
+    evals = np.asarray(evals)  # (num_evals + 1, seeds, trials, n)
+    final = evals[-1].sum(-1)  # (seeds, trials) total reward per trial
+    per_seed = final.mean(1)
+    summary = {
+        "wall_seconds": wall,
+        "final_trial_reward": float(per_seed.mean()),
+        "final_trial_reward_stderr": float(final.std() / np.sqrt(final.size)) if args.num_seeds == 1
+        else float(per_seed.std(ddof=1) / np.sqrt(args.num_seeds)),
+        "initial_trial_reward": float(evals[0].sum(-1).mean()),
+    }
+    run.log(summary, steps)
+    per_episode = evals[-1].mean((0, 1))
+    shown = ", ".join(f"{x:.3g}" for x in per_episode[:10])
+    print(f"final policy, mean reward of episode 1..{min(10, cfg.episodes_per_trial)} of a trial: {shown}",
+          flush=True)
+    if args.save_model:  # params of every seed (leading axis) and the config to rebuild the network
+        path = save_checkpoint(run.dir / "rl2.msgpack", {"params": params, "config": cfg._asdict()})
+        print(f"saved {path}")
+    run.close()
+    return {"params": params, "metrics": metrics, "evals": evals, "config": cfg, "run_dir": run.dir,
+            **summary}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

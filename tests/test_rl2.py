@@ -1,0 +1,221 @@
+"""Tests of RL² (algos/rl2.py) and its benchmark baselines (benchmarks/rl2.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from algos.rl2 import Args, config_from_args, gae, init_carry, main, make_network, rollout_trial, unroll
+from benchmarks.rl2 import mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
+from common.experiment import load_checkpoint
+from common.jax_envs import MDPParams, RandomMDP
+
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def tiny_config(env, **kw):
+    args = Args(hidden_size=16, meta_batch=8, num_minibatches=2, episodes_per_trial=3,
+                total_timesteps=10**6, eval_episodes=4, **kw)
+    return config_from_args(args, env)
+
+
+# ----------------------------------------------------------------------------
+# Hidden state: kept across episodes within a trial, reset between trials
+# ----------------------------------------------------------------------------
+def test_hidden_state_persists_across_episodes_and_resets_between_trials():
+    env = RandomMDP()
+    cfg = tiny_config(env)
+    params = init_carry(jax.random.PRNGKey(0), cfg).train_state.params
+    net = make_network(cfg)
+    task = jax.tree.map(lambda x: x[0], env.sample_tasks(jax.random.PRNGKey(1), 1))
+    traj, hidden = rollout_trial(params, env, task, jax.random.PRNGKey(2), cfg, record_hidden=True)
+    H, T = cfg.horizon, cfg.trial_len
+    assert hidden.shape == (T, 2 * cfg.hidden_size)
+    # The trial starts from h = 0 ...
+    np.testing.assert_array_equal(hidden[0], 0.0)
+    # ... and every later step, the first step of episodes 2..n included, starts
+    # from the GRU's output of the step before: nothing is reset at a boundary.
+    for t in range(1, T):
+        h_expected = net.apply(params, hidden[t - 1], traj.x[t - 1])[0]
+        np.testing.assert_allclose(hidden[t], h_expected, atol=1e-5)
+    assert np.abs(hidden[H]).max() > 1e-3  # first step of episode 2: a non-zero memory
+    # The done flag of the input says "new episode" exactly at those steps.
+    done_in = np.asarray(traj.x[:, -1])
+    expected = np.zeros(T)
+    expected[H::H] = 1.0
+    np.testing.assert_array_equal(done_in, expected)
+    np.testing.assert_array_equal(np.asarray(traj.done), (np.arange(T) + 1) % H == 0)
+    # The previous reward and action inputs are those of the step before.
+    np.testing.assert_allclose(traj.x[1:, -2], traj.reward[:-1], atol=1e-6)
+    a_in = np.asarray(traj.x[:, cfg.obs_dim: cfg.obs_dim + cfg.action_dim])
+    np.testing.assert_array_equal(a_in[0], 0.0)
+    np.testing.assert_array_equal(a_in[1:].argmax(1), np.asarray(traj.action[:-1]))
+
+    # A second trial (another task) starts from zero again, whatever came before:
+    # its first step's policy output equals a fresh network's on the same input.
+    task2 = jax.tree.map(lambda x: x[0], env.sample_tasks(jax.random.PRNGKey(5), 1))
+    traj2, hidden2 = rollout_trial(params, env, task2, jax.random.PRNGKey(6), cfg, record_hidden=True)
+    np.testing.assert_array_equal(hidden2[0], 0.0)
+
+    # The PPO loss re-runs the GRU over stored inputs; it must see the same
+    # hidden states as the rollout (kept across episodes), so it reproduces
+    # the rollout's values and log-probabilities.
+    out, values = unroll(params, traj.x[None], cfg)
+    np.testing.assert_allclose(values[0], traj.value, atol=1e-5)
+    logp = jax.nn.log_softmax(out[0])[jnp.arange(T), traj.action]
+    np.testing.assert_allclose(logp, traj.logp, atol=1e-5)
+    # A GRU reset at every episode boundary would give different values.
+    cut = jnp.concatenate([unroll(params, traj.x[None, i * H:(i + 1) * H], cfg)[1][0]
+                           for i in range(cfg.episodes_per_trial)])
+    assert np.abs(np.asarray(cut - traj.value))[H:].max() > 1e-4
+
+
+# ----------------------------------------------------------------------------
+# GAE over a whole trial
+# ----------------------------------------------------------------------------
+def test_gae_over_trial_equals_plain_loop_and_ignores_episode_boundaries():
+    rng = np.random.default_rng(0)
+    T, H, gamma, lam = 12, 4, 0.9, 0.7
+    rewards, values = rng.normal(size=T).astype(np.float32), rng.normal(size=T).astype(np.float32)
+    adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), gamma, lam)
+    # Plain loop: the trial (all n = 3 episodes) is one episode; V_T = 0.
+    expected, running = np.zeros(T), 0.0
+    for t in reversed(range(T)):
+        next_v = values[t + 1] if t + 1 < T else 0.0
+        running = rewards[t] + gamma * next_v - values[t] + gamma * lam * running
+        expected[t] = running
+    np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret, expected + values, rtol=1e-5, atol=1e-5)
+    # Cutting at the episode boundaries (every H steps) would differ before each cut.
+    per_episode = np.concatenate([np.asarray(gae(jnp.asarray(rewards[i:i + H]), jnp.asarray(values[i:i + H]),
+                                                 gamma, lam)[0]) for i in range(0, T, H)])
+    assert np.abs(per_episode - expected)[: T - H].max() > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# Baselines on cases with known answers
+# ----------------------------------------------------------------------------
+def test_ucb1_choice_after_hand_made_history():
+    key = jax.random.PRNGKey(0)
+    # t = 21 pulls: means (0.6, 0.5, 0.0), bonuses sqrt(2 ln 21 / N) = (0.78, 0.78, 2.47)
+    counts, succ = jnp.array([10.0, 10.0, 1.0]), jnp.array([6.0, 5.0, 0.0])
+    assert int(ucb1_choice(key, counts, succ, c=1.0)) == 2  # the rarely tried arm's bonus wins
+    assert int(ucb1_choice(key, counts, succ, c=0.1)) == 0  # a small c exploits
+    # an untried arm is pulled before any tried one
+    assert int(ucb1_choice(key, jnp.array([3.0, 0.0, 2.0]), jnp.array([3.0, 0.0, 2.0]))) == 1
+
+
+def test_thompson_choice_follows_a_concentrated_posterior():
+    counts, succ = jnp.array([1e5, 1e5, 1e5]), jnp.array([2e4, 7e4, 5e4])  # means 0.2, 0.7, 0.5
+    picks = jax.vmap(lambda k: thompson_choice(k, counts, succ))(jax.random.split(jax.random.PRNGKey(0), 50))
+    assert np.all(np.asarray(picks) == 1)
+    # with no data every arm is picked about equally often
+    picks = jax.vmap(lambda k: thompson_choice(k, jnp.zeros(3), jnp.zeros(3)))(
+        jax.random.split(jax.random.PRNGKey(1), 3000))
+    assert np.allclose(np.bincount(np.asarray(picks), minlength=3) / 3000, 1 / 3, atol=0.04)
+
+
+def deterministic_mdp():
+    """3 states in a ring; action 0 stays (reward 1 in state 2, else 0), action 1
+    moves one to the right (reward 0). Over H = 10 steps from state 0 the best
+    is to move twice and then stay: value 8."""
+    S = 3
+    P = np.zeros((S, 2, S), np.float32)
+    for s in range(S):
+        P[s, 0, s] = 1.0
+        P[s, 1, (s + 1) % S] = 1.0
+    R = np.zeros((S, 2), np.float32)
+    R[2, 0] = 1.0
+    return MDPParams(jnp.asarray(P), jnp.asarray(R))
+
+
+def test_finite_horizon_planner_and_psrl_on_a_deterministic_mdp():
+    task = deterministic_mdp()
+    q = plan_finite_horizon(task.transitions, task.mean_rewards, 10)
+    assert q.shape == (10, 3, 2)
+    assert float(q[0, 0].max()) == pytest.approx(8.0)  # move, move, stay x 8
+    assert int(q[0, 0].argmax()) == 1 and int(q[0, 2].argmax()) == 0
+    assert int(q[9, 1].argmax()) == 0 or float(q[9, 1, 0]) == float(q[9, 1, 1])  # last step: no future
+    # With a posterior concentrated on the true MDP, PSRL plans the true optimum.
+    counts = task.transitions * 1e6
+    P, R = posterior_model(counts, task.mean_rewards * 1e6, jax.random.PRNGKey(0), sample=True)
+    q_psrl = plan_finite_horizon(P, R, 10)
+    np.testing.assert_array_equal(q_psrl[0].argmax(-1), q[0].argmax(-1))
+    # Learning from scratch on it (with unit reward noise), PSRL's later episodes
+    # come close to the optimum of 8 and far above random.
+    env = RandomMDP(num_states=3, num_actions=2, horizon=10)
+    keys = jax.random.split(jax.random.PRNGKey(1), 200)
+    trials = jax.vmap(lambda k: mdp_trial("psrl", env, task, 20, k))(keys)
+    rand = jax.vmap(lambda k: mdp_trial("random", env, task, 20, k))(keys)
+    assert float(trials[:, -5:].mean()) > 7.0
+    assert float(rand.mean()) < 4.0
+
+
+# ----------------------------------------------------------------------------
+# It learns: 2-armed bandits, n = 10
+# ----------------------------------------------------------------------------
+def test_rl2_learns_two_armed_bandits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = Args(env_id="BernoulliBandit2-v0", episodes_per_trial=10, hidden_size=64, meta_batch=128,
+                total_timesteps=128 * 10 * 120, eval_interval=128 * 10 * 60, eval_episodes=2000,
+                learning_rate=3e-3, seed=0)
+    out = main(args)
+    final = out["evals"][-1, 0].sum(-1)  # (trials,) total reward per trial
+    # random play earns 5.0 per trial in expectation (means uniform in [0, 1]);
+    # the Bayes-optimal policy about 6.6 (E[max of 2 uniforms] = 2/3 per pull)
+    assert final.mean() > 5.0 + 1.0, final.mean()
+    assert out["evals"][0, 0].sum(-1).mean() < 5.4  # the untrained policy is about random
+
+
+# ----------------------------------------------------------------------------
+# Continuous actions, CLI smoke test and bad input
+# ----------------------------------------------------------------------------
+def test_point_navigation_runs_with_gaussian_policy(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = main(Args(env_id="PointNav2D-v0", episodes_per_trial=2, hidden_size=8, meta_batch=4,
+                    num_minibatches=2, update_epochs=1, total_timesteps=1600, eval_interval=800,
+                    eval_episodes=4))
+    assert out["evals"].shape == (3, 1, 4, 2)
+    assert np.all(out["evals"] < 0)  # minus distances
+    assert np.isfinite(out["final_trial_reward"])
+
+
+def test_cli_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "algos.rl2", "--env-id", "RandomMDP-v0", "--episodes-per-trial", "2",
+           "--hidden-size", "8", "--meta-batch", "4", "--num-minibatches", "2", "--update-epochs", "1",
+           "--total-timesteps", "160", "--eval-interval", "80", "--eval-episodes", "3", "--num-seeds", "2",
+           "--save-model"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**ENV, "PYTHONPATH": root})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/trial_reward" in r]
+    assert [r["global_step"] for r in evals] == [80, 160]
+    assert all(np.isfinite(r["eval/trial_reward"]) for r in evals)
+    saved = load_checkpoint(run_dir / "rl2.msgpack", None)
+    assert saved["config"]["hidden_size"] == 8
+    kernel = saved["params"]["params"]["policy_gru"]["ir"]["kernel"]
+    assert kernel.shape[0] == 2  # one set of params per seed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--env-id", "NoSuchEnv-v0"], "unknown env id"),
+    (["--env-id", "DynaMaze-v0"], "task family"),
+    (["--meta-batch", "10", "--num-minibatches", "4"], "multiple of --num-minibatches"),
+    (["--total-timesteps", "10"], "less than one PPO iteration"),
+])
+def test_bad_input_gives_one_line_error(flags, message):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "algos.rl2", *flags], cwd=root, capture_output=True,
+                         text=True, timeout=120, env=ENV)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert message in lines[0]

@@ -462,7 +462,8 @@ def main(args: Args) -> dict:
     steps = int(steps)
     check_finite(steps, q=agent.q)
     rewards, terminals = np.asarray(rewards)[:, :steps], np.asarray(terminals)[:, :steps]
-    eval_ret, eval_len = np.asarray(eval_ret)[: steps // args.eval_interval], np.asarray(eval_len)[: steps // args.eval_interval]
+    done_evals = steps // args.eval_interval
+    eval_ret, eval_len = np.asarray(eval_ret)[:done_evals], np.asarray(eval_len)[:done_evals]
 
     # Summary: the book's learning-curve statistic, steps per episode.
     lengths = [episode_lengths(terminals[i]) for i in range(args.num_seeds)]

@@ -34,7 +34,7 @@ def grid(**axes) -> list[dict]:
     """Every combination of the given settings: grid(n=[0, 5], env=["a"])
     -> [{"n": 0, "env": "a"}, {"n": 5, "env": "a"}]."""
     keys = list(axes)
-    return [dict(zip(keys, values)) for values in itertools.product(*axes.values())]
+    return [dict(zip(keys, values, strict=False)) for values in itertools.product(*axes.values())]
 
 
 @contextmanager
@@ -87,7 +87,7 @@ def save_results(name: str, payload: dict) -> Path:
     }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-    print(f"wrote {path.relative_to(ROOT.parent)}")
+    print(f"wrote {path}")
     return path
 
 
@@ -123,5 +123,5 @@ def save_figure(fig, name: str) -> Path:
     PLOTS.mkdir(parents=True, exist_ok=True)
     path = PLOTS / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    print(f"wrote {path.relative_to(ROOT.parent)}")
+    print(f"wrote {path}")
     return path

@@ -25,7 +25,7 @@ class ReplayBuffer:
         return jax.tree.leaves(self.data)[0].shape[0]
 
     @classmethod
-    def create(cls, example, capacity: int) -> "ReplayBuffer":
+    def create(cls, example, capacity: int) -> ReplayBuffer:
         """An empty buffer for items shaped like `example` (one transition)."""
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
@@ -34,7 +34,7 @@ class ReplayBuffer:
         )
         return cls(data=data, ptr=jnp.int32(0), size=jnp.int32(0))
 
-    def add(self, batch) -> "ReplayBuffer":
+    def add(self, batch) -> ReplayBuffer:
         """Append a batch (leading axis n <= capacity on every leaf), wrapping around."""
         n = jax.tree.leaves(batch)[0].shape[0]
         if n > self.capacity:

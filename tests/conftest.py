@@ -9,5 +9,6 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jax")))
+cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jax-compilation-cache"))
+jax.config.update("jax_compilation_cache_dir", cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -45,6 +45,15 @@ def test_unknown_env_id_lists_close_matches():
     assert make_env("DynaMaze-v0").spec.id == "DynaMaze-v0"
 
 
+def test_mujoco_renders_headless():
+    """CI installs EGL + Mesa so MuJoCo envs render without a display."""
+    env = make_env("InvertedPendulum-v5", render_mode="rgb_array")
+    env.reset(seed=0)
+    frame = env.render()
+    env.close()
+    assert frame.shape == (480, 480, 3) and frame.std() > 1.0  # a picture, not a blank
+
+
 # ------------------------------------------------------ run dir and metrics
 def test_run_writes_args_and_metrics_jsonl(tmp_path, capsys):
     args = CommonArgs(env_id="ns/Some-v0", exp_name="t", seed=4)

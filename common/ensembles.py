@@ -1,0 +1,347 @@
+"""Ensembles of MLP dynamics models, vmapped over members (PETS / MBPO style).
+
+One set of stacked parameters with a leading member axis E; `jax.vmap` runs
+init, apply and the loss over members, so E models cost one program. Each
+member maps x = (s, a) to the targets y = (r, s' - s) (`make_targets`):
+
+- probabilistic members output a Gaussian N(mu(x), diag(exp(logvar(x)))),
+  trained by Gaussian negative log-likelihood; the log-variance is squashed
+  into [min_logvar, max_logvar] by soft bounds that are themselves learned
+  (Chua et al. 2018, PETS, App. A.1; the same in jannerm/mbpo `bnn.py`):
+      logvar = max_lv - softplus(max_lv - raw)
+      logvar = min_lv + softplus(logvar - min_lv)
+  plus 0.01 * (sum max_lv - sum min_lv) in the loss, which pulls the bounds
+  towards the data instead of letting them drift to +-infinity;
+- deterministic members output mu(x) only, trained by squared error.
+
+`train` fits them the way jannerm/mbpo does: a random holdout split
+(min(20 %, 5000) points), each member on its own bootstrap resample of the
+training part, reshuffled every epoch, minibatches of 256, Adam, L2 weight
+decay per layer; after each epoch the holdout MSE of every member; a member's
+best parameters are kept when its holdout MSE improves by more than 1 %;
+training stops after `patience` epochs with no member improving, the best
+parameters are restored, and the `num_elites` members with the lowest holdout
+MSE become the elites. Each epoch is one jitted call.
+
+`sample` draws a next target for every row: a uniformly random elite per row,
+then a draw from that elite's Gaussian.
+
+Nothing here knows about any algorithm: the caller builds inputs and targets
+(`make_inputs`, `make_targets`) and reads predictions back (`split_targets`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# MBPO's per-layer L2 weight decays (jannerm/mbpo, `construct_model`): the
+# four hidden layers, then the output layer.
+MBPO_WEIGHT_DECAYS = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+
+
+class EnsembleConfig(NamedTuple):
+    """Static description of an ensemble (hashable: used as a jit static arg)."""
+
+    in_dim: int
+    out_dim: int  # target dimension (e.g. 1 + obs_dim for (r, s' - s))
+    num_members: int = 7
+    num_elites: int = 5
+    hidden: int = 200
+    num_layers: int = 4  # hidden layers
+    probabilistic: bool = True
+    lr: float = 1e-3
+    weight_decays: tuple = MBPO_WEIGHT_DECAYS  # one per layer (hidden layers + output)
+    batch_size: int = 256
+    holdout_ratio: float = 0.2
+    max_holdout: int = 5000
+    patience: int = 5  # epochs with no member improving by > 1 % before stopping
+    normalize_outputs: bool = False  # MBPO: inputs only; ME-TRPO-style models: both
+
+
+class Normalizer(NamedTuple):
+    """Affine maps fitted on the training data: the nets see (x - in_mean) / in_std
+    and predict (y - out_mean) / out_std (identity when outputs are not normalised)."""
+
+    in_mean: jax.Array  # (in_dim,)
+    in_std: jax.Array
+    out_mean: jax.Array  # (out_dim,)
+    out_std: jax.Array
+
+
+class EnsembleState(NamedTuple):
+    params: dict  # every leaf has leading axis E
+    opt_state: optax.OptState
+    norm: Normalizer
+    elites: jax.Array  # (num_elites,) int32, member indices, best first
+
+
+# ----------------------------------------------------------------------------
+# Data layout
+# ----------------------------------------------------------------------------
+def make_inputs(obs, action):
+    """x = (s, a): (..., obs_dim + act_dim)."""
+    return jnp.concatenate([obs, action], -1)
+
+
+def make_targets(obs, reward, next_obs):
+    """y = (r, s' - s): (..., 1 + obs_dim). Differences, not states: a step
+    changes the state little, so s' - s has a much smaller range to fit."""
+    return jnp.concatenate([jnp.asarray(reward)[..., None], next_obs - obs], -1)
+
+
+def split_targets(obs, y):
+    """Inverse of `make_targets`: (next_obs, reward) from s and y = (r, s' - s)."""
+    return obs + y[..., 1:], y[..., 0]
+
+
+def fit_normalizer(inputs, targets, normalize_outputs: bool = False) -> Normalizer:
+    """Mean and std over the rows; std below 1e-12 is set to 1 (as jannerm/mbpo's
+    scaler), so constant dimensions pass through unchanged."""
+    inputs, targets = np.asarray(inputs, np.float64), np.asarray(targets, np.float64)
+    in_std = inputs.std(0)
+    in_std[in_std < 1e-12] = 1.0
+    if normalize_outputs:
+        out_mean, out_std = targets.mean(0), targets.std(0)
+        out_std[out_std < 1e-12] = 1.0
+    else:
+        out_mean, out_std = np.zeros(targets.shape[1]), np.ones(targets.shape[1])
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return Normalizer(f32(inputs.mean(0)), f32(in_std), f32(out_mean), f32(out_std))
+
+
+def normalize(norm: Normalizer, x):
+    return (x - norm.in_mean) / norm.in_std
+
+
+def denormalize_output(norm: Normalizer, y_normalized):
+    return y_normalized * norm.out_std + norm.out_mean
+
+
+# ----------------------------------------------------------------------------
+# One member
+# ----------------------------------------------------------------------------
+class Member(nn.Module):
+    """MLP, swish hidden layers. Probabilistic: outputs (mean, logvar) with the
+    learned soft bounds of PETS; deterministic: (mean, zeros)."""
+
+    hidden: int
+    num_layers: int
+    out_dim: int
+    probabilistic: bool
+
+    @nn.compact
+    def __call__(self, x):  # x (B, in_dim), normalised
+        for _ in range(self.num_layers):
+            x = nn.swish(nn.Dense(self.hidden)(x))
+        if not self.probabilistic:
+            mean = nn.Dense(self.out_dim)(x)
+            return mean, jnp.zeros_like(mean)
+        out = nn.Dense(2 * self.out_dim)(x)
+        mean, raw = out[..., : self.out_dim], out[..., self.out_dim:]
+        max_lv = self.param("max_logvar", lambda _: jnp.full((self.out_dim,), 0.5))
+        min_lv = self.param("min_logvar", lambda _: jnp.full((self.out_dim,), -10.0))
+        logvar = max_lv - nn.softplus(max_lv - raw)  # soft upper bound
+        logvar = min_lv + nn.softplus(logvar - min_lv)  # soft lower bound
+        return mean, logvar
+
+
+def member_module(cfg: EnsembleConfig) -> Member:
+    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic)
+
+
+def create(cfg: EnsembleConfig, key) -> EnsembleState:
+    """E independently initialised members (one key each), Adam state, identity
+    normaliser, and the first num_elites members as elites until trained."""
+    module = member_module(cfg)
+    keys = jax.random.split(key, cfg.num_members)
+    params = jax.vmap(module.init, in_axes=(0, None))(keys, jnp.zeros((1, cfg.in_dim)))
+    norm = Normalizer(jnp.zeros(cfg.in_dim), jnp.ones(cfg.in_dim), jnp.zeros(cfg.out_dim), jnp.ones(cfg.out_dim))
+    return EnsembleState(params, optimizer(cfg).init(params), norm, jnp.arange(cfg.num_elites, dtype=jnp.int32))
+
+
+def optimizer(cfg: EnsembleConfig):
+    # Adam is elementwise, so one Adam over the stacked params is E independent Adams.
+    return optax.adam(cfg.lr)
+
+
+def apply_members(cfg: EnsembleConfig, params, norm: Normalizer, x):
+    """Every member on its own inputs. x (E, B, in_dim) raw -> mean, logvar
+    (E, B, out_dim), both in normalised target units."""
+    return jax.vmap(member_module(cfg).apply)(params, normalize(norm, x))
+
+
+def predict(cfg: EnsembleConfig, params, norm: Normalizer, x):
+    """Every member on the same inputs. x (B, in_dim) raw -> mean (E, B, out_dim)
+    and variance (E, B, out_dim), in target units."""
+    xs = jnp.broadcast_to(x, (cfg.num_members, *x.shape))
+    mean, logvar = apply_members(cfg, params, norm, xs)
+    return denormalize_output(norm, mean), jnp.exp(logvar) * norm.out_std ** 2
+
+
+# ----------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------
+def weight_decay_penalty(cfg: EnsembleConfig, params):
+    """sum_l decay_l * ||W_l||^2 / 2 (TF's l2_loss, as jannerm/mbpo), per member: (E,)."""
+    dense = params["params"]
+    total = 0.0
+    for i, decay in enumerate(cfg.weight_decays[: cfg.num_layers + 1]):
+        w = dense[f"Dense_{i}"]["kernel"]  # (E, fan_in, fan_out)
+        total = total + decay * 0.5 * jnp.sum(w ** 2, axis=(1, 2))
+    return total
+
+
+def member_losses(cfg: EnsembleConfig, params, norm: Normalizer, x, y):
+    """Training loss of every member on its own batch: x (E, B, in), y (E, B, out) -> (E,).
+
+    Probabilistic: Gaussian NLL up to constants, mean over batch and dims of
+        (mu - y)^2 exp(-logvar) + logvar,
+    plus 0.01 (sum max_logvar - sum min_logvar) (PETS soft-bound regulariser).
+    Deterministic: mean squared error. Both plus the L2 weight decay."""
+    mean, logvar = apply_members(cfg, params, norm, x)
+    y_n = (y - norm.out_mean) / norm.out_std
+    if cfg.probabilistic:
+        loss = jnp.mean((mean - y_n) ** 2 * jnp.exp(-logvar) + logvar, axis=(1, 2))
+        p = params["params"]
+        loss = loss + 0.01 * (p["max_logvar"].sum(-1) - p["min_logvar"].sum(-1))
+    else:
+        loss = jnp.mean((mean - y_n) ** 2, axis=(1, 2))
+    return loss + weight_decay_penalty(cfg, params)
+
+
+def holdout_mse(cfg: EnsembleConfig, params, norm: Normalizer, x, y, mask):
+    """Mean squared error of each member's mean on the holdout rows where mask is
+    1 (in normalised target units): (E,). The elite and early-stopping score."""
+    mean, _ = predict(cfg, params, norm, x)  # (E, H, out)
+    err = jnp.mean(((mean - y) / norm.out_std) ** 2, axis=-1)  # (E, H)
+    return jnp.sum(err * mask, -1) / jnp.maximum(mask.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("cfg",))
+def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_loss, data, key):
+    """One epoch, one jitted call: shuffle each member's bootstrap indices, then a
+    loop over ceil(n_train / batch) minibatches (E members in parallel, each on its
+    own rows), then the holdout MSE; members that improved by > 1 % keep these
+    params as their best.
+
+    data: (x (N, in), y (N, out), boot (E, N) int32 bootstrap row indices into the
+    first n_train rows, n_train, x_hold (H, in), y_hold (H, out), hold_mask (H,)).
+    N is padded: rows beyond n_train are never used.
+    """
+    x, y, boot, n_train, x_hold, y_hold, hold_mask = data
+    n_pad = boot.shape[1]
+    # Per-member shuffle of the first n_train slots (pad slots sort last).
+    u = jax.random.uniform(key, boot.shape)
+    u = jnp.where(jnp.arange(n_pad) < n_train, u, 2.0)
+    order = jnp.take_along_axis(boot, jnp.argsort(u, axis=1), axis=1)  # (E, N)
+    num_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
+    opt = optimizer(cfg)
+    grad_fn = jax.grad(lambda p, xb, yb: member_losses(cfg, p, norm, xb, yb).sum())
+
+    def body(i, carry):
+        params, opt_state = carry
+        # Last batch may run past n_train: wrap into the valid rows (a few
+        # repeated rows, as a fixed shape needs).
+        slot = (i * cfg.batch_size + jnp.arange(cfg.batch_size)) % n_train
+        rows = order[:, slot]  # (E, batch)
+        grads = grad_fn(params, x[rows], y[rows])
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.fori_loop(0, num_batches, body, (params, opt_state))
+    loss = holdout_mse(cfg, params, norm, x_hold, y_hold, hold_mask)  # (E,)
+    improved = (best_loss - loss) / best_loss > 0.01  # (E,)
+    pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    best_params = jax.tree.map(pick, params, best_params)
+    best_loss = jnp.where(improved, loss, best_loss)
+    return params, opt_state, best_params, best_loss, loss, improved.any()
+
+
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n, *a.shape[1:]), np.float32)
+    out[: len(a)] = a
+    return out
+
+
+def train(cfg: EnsembleConfig, state: EnsembleState, inputs, targets, rng: np.random.Generator,
+          max_epochs: int | None = None) -> tuple[EnsembleState, dict]:
+    """Fit the ensemble to (inputs (N, in), targets (N, out)) from its current
+    params (warm start, as jannerm/mbpo), with holdout early stopping.
+
+    Returns the new state (best params restored, normaliser refitted, elites the
+    num_elites lowest holdout MSEs) and info: holdout MSE per member, epochs run.
+    Arrays are padded to the next power of two so that a growing data set
+    recompiles `train_epoch` only log2(N) times."""
+    inputs, targets = np.asarray(inputs, np.float32), np.asarray(targets, np.float32)
+    n = len(inputs)
+    n_hold = min(int(n * cfg.holdout_ratio), cfg.max_holdout)
+    if n - n_hold < 1:
+        raise ValueError(f"need at least one training row, got {n} rows")
+    perm = rng.permutation(n)
+    hold, tr = perm[:n_hold], perm[n_hold:]
+    n_train = len(tr)
+    norm = fit_normalizer(inputs[tr], targets[tr], cfg.normalize_outputs)
+    n_pad = 1 << int(np.ceil(np.log2(max(n_train, cfg.batch_size))))
+    # No holdout (tiny data or holdout_ratio 0): score on training rows instead.
+    hold_rows = hold if n_hold > 0 else tr[: cfg.max_holdout]
+    h_pad = 1 << int(np.ceil(np.log2(len(hold_rows))))
+    # Each member's own bootstrap resample (rows drawn with replacement), fixed
+    # for this fit; `train_epoch` reshuffles its order every epoch.
+    boot = np.zeros((cfg.num_members, n_pad), np.int32)
+    boot[:, :n_train] = rng.integers(0, n_train, size=(cfg.num_members, n_train))
+    mask = np.zeros(h_pad, np.float32)
+    mask[: len(hold_rows)] = 1.0
+    data = (jnp.asarray(_pad_rows(inputs[tr], n_pad)), jnp.asarray(_pad_rows(targets[tr], n_pad)),
+            jnp.asarray(boot), jnp.int32(n_train), jnp.asarray(_pad_rows(inputs[hold_rows], h_pad)),
+            jnp.asarray(_pad_rows(targets[hold_rows], h_pad)), jnp.asarray(mask))
+    params, opt_state = state.params, state.opt_state
+    best_params, best_loss = params, jnp.full((cfg.num_members,), 1e10)
+    key = jax.random.PRNGKey(int(rng.integers(2 ** 31)))
+    epoch, since_update = 0, 0
+    while max_epochs is None or epoch < max_epochs:
+        key, sub = jax.random.split(key)
+        params, opt_state, best_params, best_loss, loss, improved = train_epoch(
+            cfg, params, opt_state, norm, best_params, best_loss, data, sub)
+        epoch += 1
+        since_update = 0 if bool(improved) else since_update + 1
+        if since_update > cfg.patience:
+            break
+    losses = holdout_mse(cfg, best_params, norm, data[4], data[5], data[6])
+    elites = jnp.argsort(losses)[: cfg.num_elites].astype(jnp.int32)
+    info = {"holdout_mse": np.asarray(losses), "epochs": epoch,
+            "elite_holdout_mse": float(np.sort(np.asarray(losses))[: cfg.num_elites].mean())}
+    return EnsembleState(best_params, opt_state, norm, elites), info
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------
+def sample(cfg: EnsembleConfig, state: EnsembleState, key, x, deterministic: bool = False):
+    """Draw y ~ N(mu_e(x), var_e(x)) for each row of x (B, in_dim), with e a
+    uniformly random elite per row. Returns y (B, out_dim) in target units.
+
+    The rows are randomly permuted and cut into num_elites equal chunks, one per
+    elite, so each elite runs only on its own rows (num_elites times cheaper than
+    running every elite on every row and picking); every row still gets a
+    uniformly random elite (mbrl-lib's "random_model" propagation does the same).
+    deterministic=True returns the chosen elite's mean."""
+    b, k = x.shape[0], cfg.num_elites
+    k_perm, k_noise = jax.random.split(key)
+    chunk = -(-b // k)  # ceil
+    perm = jax.random.permutation(k_perm, b)
+    xp = jnp.concatenate([x[perm], jnp.zeros((chunk * k - b, x.shape[1]), x.dtype)])
+    elite_params = jax.tree.map(lambda p: p[state.elites], state.params)  # leading axis k
+    mean, logvar = apply_members(cfg, elite_params, state.norm, xp.reshape(k, chunk, -1))
+    y = mean if deterministic else mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_noise, mean.shape)
+    y = denormalize_output(state.norm, y.reshape(k * chunk, -1)[:b])
+    return jnp.zeros_like(y).at[perm].set(y)  # undo the permutation

@@ -1,0 +1,557 @@
+"""MAML for RL (with TRPO in the outer loop), and ProMP as an option.
+
+Papers:
+- Finn, Abbeel, Levine 2017, "Model-Agnostic Meta-Learning for Fast
+  Adaptation of Deep Networks", https://arxiv.org/abs/1703.03400 (Sec. 3.3
+  Alg. 3, reinforcement learning; Sec. 5.3, 2-D navigation and locomotion;
+  Fig. 5 the adaptation curves). Facts from the authors' code
+  (cbfinn/maml_rl, maml_examples/maml_trpo_point.py): 2x100 ReLU Gaussian
+  policy, inner step 0.5 on 2-D navigation, 20 trajectories per task,
+  meta-batch 40 tasks, horizon 100, outer TRPO with max KL 0.01, linear
+  feature baseline, actions normalised to [-1, 1] (rllab's `normalize`).
+- Rothfuss, Lee, Clavera, Asfour, Abbeel 2018, "ProMP: Proximal Meta-Policy
+  Search", https://arxiv.org/abs/1810.06784 (Sec. 5 the low-variance
+  curvature (LVC) estimator, Sec. 6 the clipped meta-objective, Alg. 1).
+
+Meta-RL learns an *initialisation* theta from which one (or a few) vanilla
+policy-gradient steps on a new task's own samples give a good policy:
+
+    max_theta  E_{T ~ p(T)} [ J_T( theta'_T ) ],
+    theta'_T = theta + alpha * grad_theta J_T(theta)   (the inner step, on
+                                                        samples of pi_theta)
+
+The outer gradient flows *through* the inner step: d theta'/d theta =
+I + alpha * Hessian of J_T. That Hessian is the second-order term;
+`--first-order` drops it (treats the inner gradient as a constant).
+
+Run:
+    python -m algos.maml                                  # 2-D navigation
+    python -m algos.maml --first-order                    # first-order MAML
+    python -m algos.maml --estimator promp                # ProMP
+    python -m algos.maml --inner-steps 0                  # multi-task "pretrained" baseline
+
+Algorithm (Alg. 3 of the paper; numbers mark the code below):
+    [1] sample a meta-batch of tasks T_i ~ p(T)
+    for each task, for inner step j = 0 .. K-1:
+      [2] sample N trajectories D_ij with pi_{theta'_ij} (theta'_i0 = theta)
+      [3] fit the linear feature baseline to D_ij; advantages A = R - b(s, t)
+      [4] inner step: theta'_i,j+1 = theta'_ij + alpha grad L_in(theta'_ij; D_ij)
+          maml:  L_in = mean_t log pi(a_t|s_t) A_t
+          promp: L_in = mean_t [pi(a_t|s_t) / pi_sampling(a_t|s_t)] A_t (LVC)
+    [5] sample post-update trajectories D'_i with pi_{theta'_iK}; advantages
+    [6] outer step on theta, the D_ij and D'_i held fixed, the theta'_iK
+        recomputed as functions of theta (autodiff through [4]):
+          maml:  TRPO on S(theta) = mean_i mean_t r_t(theta) A'_t,
+                 r_t = pi_{theta'_i(theta)}(a_t|s_t) / pi_{theta'_i(theta_old)}(a_t|s_t),
+                 s.t. mean_i KL(pi_{theta'_i(theta_old)} || pi_{theta'_i(theta)}) <= delta:
+                 conjugate gradient on Fisher-vector products, then a
+                 backtracking line search that checks the KL and the surrogate
+          promp: a few Adam steps on mean_i clip-objective(r_t, A'_t)
+                 - eta KL(pi_theta_old || pi_theta) on the pre-update states
+    [7] every eval_interval steps: meta-test on new tasks, the return before
+        adaptation and after 1, 2, 3 inner steps (Fig. 5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import tyro
+from gymnasium import spaces
+from jax.flatten_util import ravel_pytree
+
+from common.envs import make_env
+from common.experiment import (
+    CommonArgs,
+    Run,
+    check_finite,
+    fail,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+from common.jax_envs import func_env_of, is_task_family
+
+
+@dataclasses.dataclass
+class Args(CommonArgs):
+    env_id: str = "PointNav2D-v0"
+    """a task family: PointNav2D-v0 (pure JAX)"""
+    total_timesteps: int = 8_000_000
+    """env steps of meta-training (one iteration: meta_batch x trajectories x
+    horizon x (inner_steps + 1) = 80,000 on 2-D navigation, so 100 iterations)"""
+    eval_interval: int = 800_000
+    """meta-test every this many env steps (rounded to whole iterations)"""
+    eval_episodes: int = 40
+    """meta-test tasks (new goals); the paper's test script uses 40"""
+    meta_batch: int = 20
+    """tasks per meta-iteration (authors' 2-D code: 40; 20 "fairly stable")"""
+    trajectories_per_task: int = 20
+    """N, trajectories per task and per inner step (and after adaptation)"""
+    inner_steps: int = 1
+    """K, inner policy-gradient steps during meta-training (0: no adaptation,
+    i.e. plain multi-task TRPO, the paper's "pretrained" baseline)"""
+    inner_lr: float = 0.5
+    """alpha, inner step size (authors' 2-D navigation code: 0.5)"""
+    first_order: bool = False
+    """drop the second-order term (first-order MAML)"""
+    estimator: Literal["maml", "promp"] = "maml"
+    """maml: VPG inner step, TRPO outer step; promp: LVC inner step, clipped outer objective"""
+    hidden_sizes: tuple[int, ...] = (100, 100)
+    """policy MLP widths (ReLU), as in the paper"""
+    gamma: float = 0.99
+    """discount of the returns used for advantages"""
+    max_kl: float = 0.01
+    """TRPO trust region delta (mean KL of the post-update policies)"""
+    cg_iters: int = 10
+    """conjugate gradient iterations"""
+    cg_damping: float = 1e-5
+    """damping added to the Fisher-vector product (rllab: 1e-5)"""
+    backtrack_ratio: float = 0.8
+    """line-search shrink factor"""
+    backtrack_steps: int = 15
+    """line-search tries"""
+    promp_steps: int = 5
+    """ProMP: Adam steps per meta-iteration"""
+    promp_lr: float = 1e-3
+    """ProMP: Adam step size"""
+    promp_clip: float = 0.3
+    """ProMP: likelihood-ratio clip epsilon"""
+    promp_kl_coef: float = 5e-4
+    """ProMP: eta, penalty on KL(pi_theta_old || pi_theta) at the pre-update states"""
+    test_steps: int = 3
+    """meta-test: inner steps after which the return is measured (Fig. 5: 3)"""
+    init_params: str | None = None
+    """start from a checkpoint written by --save-model (e.g. to meta-test it)"""
+
+
+class Config(NamedTuple):
+    obs_dim: int
+    action_dim: int
+    horizon: int
+    meta_batch: int
+    num_traj: int
+    inner_steps: int
+    inner_lr: float
+    first_order: bool
+    promp: bool
+    gamma: float
+    max_kl: float
+    cg_iters: int
+    cg_damping: float
+    backtrack_ratio: float
+    backtrack_steps: int
+    promp_steps: int
+    promp_lr: float
+    promp_clip: float
+    promp_kl_coef: float
+
+
+# ----------------------------------------------------------------------------
+# Policy
+# ----------------------------------------------------------------------------
+class GaussianMLP(nn.Module):
+    """pi(a|s) = N(mu(s), diag(exp(log_std))^2), a state-independent log std.
+    The actions live in [-1, 1]^d (rescaled to the env's bounds when stepping)."""
+
+    action_dim: int
+    hidden_sizes: Sequence[int] = (100, 100)
+
+    @nn.compact
+    def __call__(self, obs):
+        x = obs
+        for width in self.hidden_sizes:
+            x = nn.relu(nn.Dense(width)(x))
+        mean = nn.Dense(self.action_dim, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"))(x)
+        log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+        return mean, jnp.broadcast_to(log_std, mean.shape)
+
+
+def gaussian_log_prob(mean, log_std, action):
+    """log N(action; mean, exp(log_std)^2), summed over action dims: (...,)."""
+    z = (action - mean) * jnp.exp(-log_std)
+    return jnp.sum(-0.5 * z**2 - log_std - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
+    """KL(p || q) of diagonal Gaussians, summed over action dims: (...,)."""
+    var_p, var_q = jnp.exp(2 * log_std_p), jnp.exp(2 * log_std_q)
+    return jnp.sum(log_std_q - log_std_p + (var_p + (mean_p - mean_q) ** 2) / (2 * var_q) - 0.5, axis=-1)
+
+
+class Batch(NamedTuple):
+    """Trajectories of one task: leading axes (N, T); (M, N, T) for a meta-batch."""
+
+    obs: jax.Array  # (N, T, obs_dim)
+    action: jax.Array  # (N, T, action_dim), in [-1, 1]-space, before clipping
+    reward: jax.Array  # (N, T)
+    mask: jax.Array  # (N, T) 1 while the episode runs, 0 after termination
+    logp: jax.Array  # (N, T) log-prob under the policy that sampled it
+    advantage: jax.Array  # (N, T) filled by `with_advantages`
+
+
+# ----------------------------------------------------------------------------
+# Sampling (pure-JAX task family)
+# ----------------------------------------------------------------------------
+def rollouts(apply_fn, params, task, key, env, cfg: Config) -> Batch:
+    """[2] N trajectories of pi_params on one task, as one scan over time."""
+    low, high = env.action_space.low, env.action_space.high
+
+    def one_trajectory(key):
+        k_init, k_steps = jax.random.split(key)
+        state = env.initial(k_init, task)
+
+        def step(carry, k):
+            state, alive = carry
+            k_act, k_env = jax.random.split(k)
+            obs = env.observation(state, k_env, task)
+            mean, log_std = apply_fn(params, obs)
+            action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
+            # rllab's `normalize`: the policy acts in [-1, 1], the env in [low, high]
+            env_action = low + (jnp.clip(action, -1, 1) + 1) * 0.5 * (high - low)
+            nxt = env.transition(state, env_action, k_env, task)
+            reward = env.reward(state, env_action, nxt, k_env, task)
+            out = (obs, action, reward * alive, alive, gaussian_log_prob(mean, log_std, action))
+            return (nxt, alive * (1.0 - env.terminal(nxt, k_env, task))), out
+
+        _, (obs, act, rew, mask, logp) = jax.lax.scan(step, (state, 1.0), jax.random.split(k_steps, cfg.horizon))
+        return obs, act, rew, mask, logp
+
+    obs, act, rew, mask, logp = jax.vmap(one_trajectory)(jax.random.split(key, cfg.num_traj))
+    return Batch(obs, act, rew, mask, logp, jnp.zeros_like(rew))
+
+
+# ----------------------------------------------------------------------------
+# Returns, baseline, advantages
+# ----------------------------------------------------------------------------
+def discounted_returns(reward, mask, gamma):
+    """R_t = sum_{l >= 0} gamma^l r_{t+l}, per trajectory: (N, T)."""
+
+    def back(acc, x):
+        r, m = x
+        acc = r + gamma * acc * m
+        return acc, acc
+
+    _, ret = jax.lax.scan(back, jnp.zeros(reward.shape[0]), (reward.T, mask.T), reverse=True)
+    return ret.T
+
+
+def baseline_features(obs, mask):
+    """rllab's LinearFeatureBaseline features [o, o^2, t, t^2, t^3, 1] with
+    t = step / 100 and o clipped to [-10, 10]: (N, T, 2 obs_dim + 4)."""
+    n, T = mask.shape
+    o = jnp.clip(obs, -10, 10)
+    t = jnp.broadcast_to((jnp.arange(T) / 100.0)[None, :, None], (n, T, 1))
+    return jnp.concatenate([o, o**2, t, t**2, t**3, jnp.ones_like(t)], axis=-1) * mask[..., None]
+
+
+def fit_linear_baseline(features, returns, mask, reg: float = 1e-5):
+    """Ridge regression of returns on features over the valid steps:
+    w = (X^T X + reg I)^-1 X^T y. Returns the fitted values (N, T)."""
+    X = features.reshape(-1, features.shape[-1])
+    y = (returns * mask).reshape(-1)
+    w = jnp.linalg.solve(X.T @ X + reg * jnp.eye(X.shape[1]), X.T @ y)
+    return features @ w
+
+
+def with_advantages(batch: Batch, gamma: float) -> Batch:
+    """[3] A = R - b(s, t), then normalised to mean 0, std 1 over the valid
+    steps (rllab's center_adv)."""
+    ret = discounted_returns(batch.reward, batch.mask, gamma)
+    adv = (ret - fit_linear_baseline(baseline_features(batch.obs, batch.mask), ret, batch.mask)) * batch.mask
+    n = jnp.maximum(batch.mask.sum(), 1.0)
+    mean = adv.sum() / n
+    std = jnp.sqrt(((adv - mean) ** 2 * batch.mask).sum() / n)
+    return batch._replace(advantage=(adv - mean) / (std + 1e-8) * batch.mask)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Inner step, and the adapted parameters as a function of theta
+# ----------------------------------------------------------------------------
+def inner_objective(apply_fn, params, batch: Batch, cfg: Config):
+    """L_in, the objective the inner step climbs (a per-task policy gradient).
+
+    maml:  mean log pi(a|s) A. Its gradient is the policy gradient; its
+           Hessian lacks the term from the sampling distribution's dependence
+           on theta (the pre-update samples are treated as fixed data).
+    promp: mean pi(a|s) / pi_sampling(a|s) A (LVC). Same gradient at the
+           sampling parameters, but its Hessian contains the missing
+           term in a low-variance form (ProMP, Sec. 5).
+    """
+    mean, log_std = apply_fn(params, batch.obs)
+    logp = gaussian_log_prob(mean, log_std, batch.action)
+    if cfg.promp:
+        return masked_mean(jnp.exp(logp - batch.logp) * batch.advantage, batch.mask)
+    return masked_mean(logp * batch.advantage, batch.mask)
+
+
+def inner_step(apply_fn, params, batch: Batch, cfg: Config, lr=None):
+    """[4] theta' = theta + alpha grad L_in(theta). With --first-order the
+    gradient is a constant to the outer derivative (stop_gradient)."""
+    grad = jax.grad(inner_objective, argnums=1)(apply_fn, params, batch, cfg)
+    if cfg.first_order:
+        grad = jax.lax.stop_gradient(grad)
+    lr = cfg.inner_lr if lr is None else lr
+    return jax.tree.map(lambda p, g: p + lr * g, params, grad)
+
+
+def adapt(apply_fn, theta, pre: Batch, cfg: Config):
+    """theta'_K(theta) for one task, from its K fixed pre-update batches
+    (leading axis K). This is the function the outer step differentiates."""
+    for j in range(cfg.inner_steps):
+        theta = inner_step(apply_fn, theta, jax.tree.map(lambda x, j=j: x[j], pre), cfg)
+    return theta
+
+
+# ----------------------------------------------------------------------------
+# Outer step: the meta-objective, TRPO and ProMP
+# ----------------------------------------------------------------------------
+def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config):
+    """Per task (vmapped over the meta-batch): likelihood ratios of the post-update
+    samples under theta'(theta), and KL(pi_theta'(theta_old) || pi_theta'(theta))."""
+
+    def one_task(pre_i, post_i):
+        new = apply_fn(adapt(apply_fn, theta, pre_i, cfg), post_i.obs)
+        old = jax.lax.stop_gradient(apply_fn(adapt(apply_fn, theta_old, pre_i, cfg), post_i.obs))
+        ratio = jnp.exp(gaussian_log_prob(*new, post_i.action) - post_i.logp)
+        kl = masked_mean(gaussian_kl(*old, *new), post_i.mask)
+        return ratio, kl
+
+    return jax.vmap(one_task)(pre, post)  # (M, N, T), (M,)
+
+
+def surrogate_and_kl(apply_fn, theta, theta_old, pre, post, cfg: Config):
+    """S(theta) = mean_i mean_t r_t A'_t and the mean KL, for TRPO."""
+    ratio, kl = post_update_terms(apply_fn, theta, theta_old, pre, post, cfg)
+    return masked_mean(ratio * post.advantage, post.mask), kl.mean()
+
+
+def conjugate_gradient(matvec, b, iters: int, tol: float = 1e-10):
+    """Solve F x = b for a symmetric positive definite F given only x -> F x."""
+
+    def body(_, c):
+        x, r, p, rr = c
+        Fp = matvec(p)
+        alpha = rr / (p @ Fp + 1e-12)
+        x, r = x + alpha * p, r - alpha * Fp
+        rr_new = r @ r
+        beta = jnp.where(rr > tol, rr_new / (rr + 1e-12), 0.0)
+        return x, r, r + beta * p, rr_new
+
+    x, *_ = jax.lax.fori_loop(0, iters, body, (jnp.zeros_like(b), b, b, b @ b))
+    return x
+
+
+def trpo_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
+    """[6] maml: one natural-gradient step with a KL-checked line search."""
+    flat, unravel = ravel_pytree(theta)
+    objective = lambda f: surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, cfg)  # noqa: E731
+    surr_old, g = jax.value_and_grad(lambda f: objective(f)[0])(flat)
+    kl_grad = jax.grad(lambda f: objective(f)[1])
+
+    def fisher_vector_product(v):
+        # Hessian of the mean KL at theta_old times v (the Fisher of the
+        # post-update policies, pulled back through the inner step).
+        return jax.jvp(kl_grad, (flat,), (v,))[1] + cfg.cg_damping * v
+
+    x = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
+    step = jnp.sqrt(2 * cfg.max_kl / (x @ fisher_vector_product(x) + 1e-12)) * x
+    # Try all shrink factors at once (vmapped); take the largest that keeps
+    # the KL within delta and improves the surrogate; else do not move.
+    coefs = cfg.backtrack_ratio ** jnp.arange(cfg.backtrack_steps)
+    surr, kl = jax.vmap(lambda c: objective(flat + c * step))(coefs)
+    ok = (kl <= cfg.max_kl) & (surr > surr_old) & jnp.isfinite(surr)
+    coef = jnp.where(ok.any(), coefs[jnp.argmax(ok)], 0.0)
+    new = unravel(flat + coef * step)
+    info = {"surrogate_gain": jnp.where(ok.any(), surr[jnp.argmax(ok)] - surr_old, 0.0),
+            "kl": jnp.where(ok.any(), kl[jnp.argmax(ok)], 0.0), "step_coef": coef,
+            "grad_norm": jnp.linalg.norm(g)}
+    return new, info
+
+
+def promp_objective(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config):
+    """ProMP's meta-objective (Sec. 6): clipped ratio objective of the
+    post-update policies, minus eta KL(pi_theta_old || pi_theta) measured on
+    the pre-update states (to keep the pre-update policy close as well)."""
+    ratio, _ = post_update_terms(apply_fn, theta, theta_old, pre, post, cfg)
+    clipped = jnp.minimum(ratio * post.advantage,
+                          jnp.clip(ratio, 1 - cfg.promp_clip, 1 + cfg.promp_clip) * post.advantage)
+    old = jax.lax.stop_gradient(apply_fn(theta_old, pre.obs))
+    kl = masked_mean(gaussian_kl(*old, *apply_fn(theta, pre.obs)), pre.mask)
+    return masked_mean(clipped, post.mask) - cfg.promp_kl_coef * kl
+
+
+def promp_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
+    """[6] promp: a few Adam steps on the clipped meta-objective."""
+    opt = optax.adam(cfg.promp_lr)
+    loss = lambda th: -promp_objective(apply_fn, th, theta, pre, post, cfg)  # noqa: E731
+
+    def body(carry, _):
+        th, opt_state = carry
+        value, grad = jax.value_and_grad(loss)(th)
+        updates, opt_state = opt.update(grad, opt_state, th)
+        return (optax.apply_updates(th, updates), opt_state), value
+
+    (new, _), values = jax.lax.scan(body, (theta, opt.init(theta)), None, length=cfg.promp_steps)
+    return new, {"objective_first": -values[0], "objective_last": -values[-1]}
+
+
+# ----------------------------------------------------------------------------
+# Meta-training phases and meta-test
+# ----------------------------------------------------------------------------
+def make_phases(env, policy: GaussianMLP, cfg: Config):
+    """The jitted phases of a meta-iteration (one jitted function per phase)."""
+    apply_fn = policy.apply
+
+    @jax.jit
+    def sample(params_per_task, tasks, key):
+        """[2]/[5] N trajectories per task with per-task params, + advantages."""
+        keys = jax.random.split(key, cfg.meta_batch)
+        batch = jax.vmap(lambda p, t, k: rollouts(apply_fn, p, t, k, env, cfg))(params_per_task, tasks, keys)
+        return jax.vmap(lambda b: with_advantages(b, cfg.gamma))(batch)
+
+    @jax.jit
+    def inner(params_per_task, batch, lr):
+        """[4] one inner step per task (values only: the outer step redoes it)."""
+        return jax.vmap(lambda p, b: inner_step(apply_fn, p, b, cfg, lr))(params_per_task, batch)
+
+    @jax.jit
+    def outer(theta, pre, post):
+        """[6] the outer update; pre has axes (M, K, N, T, ...)."""
+        if cfg.promp:
+            return promp_step(apply_fn, theta, pre, post, cfg)
+        return trpo_step(apply_fn, theta, pre, post, cfg)
+
+    return sample, inner, outer
+
+
+def broadcast(params, n: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
+
+
+def meta_iteration(theta, tasks, key, phases, cfg: Config):
+    """[2]-[6] one meta-iteration. Returns the new theta, the mean return
+    before and after adaptation, and the outer step's diagnostics."""
+    sample, inner, outer = phases
+    params = broadcast(theta, cfg.meta_batch)
+    pre = []
+    for j in range(cfg.inner_steps):
+        batch = sample(params, tasks, jax.random.fold_in(key, j))  # [2], [3]
+        pre.append(batch)
+        params = inner(params, batch, cfg.inner_lr)  # [4]
+    post = sample(params, tasks, jax.random.fold_in(key, cfg.inner_steps))  # [5]
+    if pre:
+        pre = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *pre)  # (M, K, N, T, ...)
+    else:  # no adaptation: the "pre-update" batch is the post-update one
+        pre = jax.tree.map(lambda x: x[:, None], post)
+    theta, info = outer(theta, pre, post)  # [6]
+    returns = lambda b: b.reward.sum(-1).mean()  # noqa: E731
+    info = {**info, "return/pre_update": returns(pre) if cfg.inner_steps else returns(post),
+            "return/post_update": returns(post)}
+    return theta, info
+
+
+def meta_test(theta, tasks, key, phases, cfg: Config, steps: int):
+    """[7] Fig. 5: mean return on new tasks before adaptation and after each
+    of `steps` inner steps, each step on fresh samples of the adapted policy.
+    (The authors' test script halves the step size after the first step.)"""
+    sample, inner, _ = phases
+    params = broadcast(theta, cfg.meta_batch)
+    curve = []
+    for j in range(steps + 1):
+        batch = sample(params, tasks, jax.random.fold_in(key, j))
+        curve.append(float(batch.reward.sum(-1).mean()))
+        if j < steps:
+            params = inner(params, batch, cfg.inner_lr if j == 0 else cfg.inner_lr / 2)
+    return curve
+
+
+def make_task_env(env_id: str):
+    """The pure-JAX task family behind env_id, or a one-line error."""
+    func_env = func_env_of(make_env(env_id))
+    if func_env is None or not is_task_family(func_env):
+        fail(f"MAML needs a task family (an env with sample_tasks); '{env_id}' is not one "
+             f"(try PointNav2D-v0)")
+    if not isinstance(func_env.action_space, spaces.Box):
+        fail(f"this MAML uses a Gaussian policy and needs a Box action space; '{env_id}' has "
+             f"{func_env.action_space}")
+    return func_env
+
+
+def validate(args: Args) -> None:
+    if args.meta_batch < 1 or args.trajectories_per_task < 1:
+        fail("--meta-batch and --trajectories-per-task must be >= 1")
+    if args.inner_steps < 0 or args.test_steps < 0:
+        fail("--inner-steps and --test-steps must be >= 0")
+    if args.max_kl <= 0 or args.inner_lr < 0:
+        fail("need --max-kl > 0 and --inner-lr >= 0")
+    if args.estimator == "promp" and args.inner_steps == 0:
+        fail("--estimator promp needs --inner-steps >= 1")
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+def setup(args: Args):
+    """Env, static config, policy and the jitted phases for training and meta-test."""
+    validate(args)
+    env = make_task_env(args.env_id)
+    cfg = Config(
+        obs_dim=env.observation_space.shape[0], action_dim=env.action_space.shape[0], horizon=env.horizon,
+        meta_batch=args.meta_batch, num_traj=args.trajectories_per_task, inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr, first_order=args.first_order, promp=args.estimator == "promp",
+        gamma=args.gamma, max_kl=args.max_kl, cg_iters=args.cg_iters, cg_damping=args.cg_damping,
+        backtrack_ratio=args.backtrack_ratio, backtrack_steps=args.backtrack_steps,
+        promp_steps=args.promp_steps, promp_lr=args.promp_lr, promp_clip=args.promp_clip,
+        promp_kl_coef=args.promp_kl_coef)
+    policy = GaussianMLP(cfg.action_dim, tuple(args.hidden_sizes))
+    test_cfg = cfg._replace(meta_batch=args.eval_episodes)
+    return env, cfg, policy, make_phases(env, policy, cfg), test_cfg, make_phases(env, policy, test_cfg)
+
+
+def main(args: Args) -> dict:
+    env, cfg, policy, phases, test_cfg, test_phases = setup(args)
+    key = seed_everything(args.seed)
+    steps_per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon * (cfg.inner_steps + 1)
+    iterations = max(1, args.total_timesteps // steps_per_iter)
+    eval_every = max(1, args.eval_interval // steps_per_iter)
+    key, k_init, k_test = jax.random.split(key, 3)
+    theta = policy.init(k_init, jnp.zeros(cfg.obs_dim))
+    if args.init_params:
+        theta = load_checkpoint(args.init_params, theta)
+    test_tasks = env.sample_tasks(k_test, args.eval_episodes)  # the same new tasks at every meta-test
+    run = Run(args)
+    start, curves = time.time(), []
+    for it in range(1, iterations + 1):
+        key, k_tasks, k_iter = jax.random.split(key, 3)
+        tasks = env.sample_tasks(k_tasks, cfg.meta_batch)  # [1]
+        theta, info = meta_iteration(theta, tasks, k_iter, phases, cfg)  # [2]-[6]
+        check_finite(it * steps_per_iter, **info)
+        metrics = {k: float(v) for k, v in info.items()}
+        metrics["sps"] = it * steps_per_iter / (time.time() - start)
+        if it % eval_every == 0 or it == iterations:  # [7]
+            curve = meta_test(theta, test_tasks, jax.random.fold_in(k_test, it), test_phases, test_cfg,
+                              args.test_steps)
+            curves.append({"step": it * steps_per_iter, "returns": curve})
+            metrics.update({f"eval/return_after_{j}_steps": r for j, r in enumerate(curve)})
+        run.log(metrics, it * steps_per_iter)
+    if args.save_model:
+        print(f"saved {save_checkpoint(run.dir / 'policy.msgpack', theta)}")
+    run.close()
+    return {"theta": theta, "curves": curves, "run_dir": run.dir, "wall_seconds": time.time() - start,
+            "test_tasks": test_tasks, "test_key": k_test}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -60,6 +60,7 @@ import numpy as np
 import optax
 import tyro
 from flax.training.train_state import TrainState
+from gymnasium.envs.phys2d.pendulum import PendulumFunctional
 from jax.flatten_util import ravel_pytree
 
 from common.envs import check_env_id, make_env, reward_function
@@ -294,8 +295,6 @@ def pendulum_true_step(step_args, obs, action):
     gymnasium's functional JAX pendulum (the same equations as Pendulum-v1, with
     its dt, g, m, l and speed clip) after recovering theta = atan2(sin, cos).
     Note the speed clip at +-8: where it binds, d(thetadot')/d(.) = 0."""
-    from gymnasium.envs.phys2d.pendulum import PendulumFunctional
-
     env = PendulumFunctional()
     state = jnp.stack([jnp.arctan2(obs[1], obs[0]), obs[2]])
     return env.observation(env.transition(state, action), None)

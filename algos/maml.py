@@ -29,6 +29,7 @@ Run:
     python -m algos.maml --first-order                    # first-order MAML
     python -m algos.maml --estimator promp                # ProMP
     python -m algos.maml --inner-steps 0                  # multi-task "pretrained" baseline
+    python -m algos.maml --env-id HalfCheetahDir-v0 --meta-batch 40 --total-timesteps 320000000
 
 Algorithm (Alg. 3 of the paper; numbers mark the code below):
     [1] sample a meta-batch of tasks T_i ~ p(T)
@@ -62,12 +63,13 @@ from typing import Literal, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import tyro
 from gymnasium import spaces
 from jax.flatten_util import ravel_pytree
 
-from common.envs import make_env
+from common.envs import TaskFamily, make_env, task_family_of
 from common.experiment import (
     CommonArgs,
     Run,
@@ -83,7 +85,7 @@ from common.jax_envs import func_env_of, is_task_family
 @dataclasses.dataclass
 class Args(CommonArgs):
     env_id: str = "PointNav2D-v0"
-    """a task family: PointNav2D-v0 (pure JAX)"""
+    """a task family: PointNav2D-v0 (pure JAX), HalfCheetahDir-v0, HalfCheetahVel-v0, AntDir-v0 (MuJoCo)"""
     total_timesteps: int = 8_000_000
     """env steps of meta-training (one iteration: meta_batch x trajectories x
     horizon x (inner_steps + 1) = 80,000 on 2-D navigation, so 100 iterations)"""
@@ -228,6 +230,51 @@ def rollouts(apply_fn, params, task, key, env, cfg: Config) -> Batch:
     return Batch(obs, act, rew, mask, logp, jnp.zeros_like(rew))
 
 
+class GymTaskSampler:
+    """[2] for a MuJoCo task family (common/envs.py): M x N copies of the env
+    in a gymnasium SyncVectorEnv, each given its task; one jitted policy call
+    per time step for all of them. Returns the same `Batch` as `rollouts`."""
+
+    def __init__(self, env_id: str, apply_fn, cfg: Config, seed: int):
+        import gymnasium as gym
+
+        self.cfg, self.seed = cfg, seed
+        n = cfg.meta_batch * cfg.num_traj
+        self.envs = gym.vector.SyncVectorEnv([lambda: make_env(env_id) for _ in range(n)])
+        space = self.envs.single_action_space
+        self.low, self.high = space.low, space.high
+
+        @jax.jit
+        def act(params, obs, key):  # params (M, ...), obs (M, N, obs_dim)
+            mean, log_std = jax.vmap(apply_fn)(params, obs)
+            action = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+            return action, gaussian_log_prob(mean, log_std, action)
+
+        self.act = act
+
+    def __call__(self, params_per_task, tasks, key) -> Batch:
+        cfg = self.cfg
+        M, N, T = cfg.meta_batch, cfg.num_traj, cfg.horizon
+        self.envs.set_attr("task", [t for t in np.asarray(tasks) for _ in range(N)])
+        self.seed += 1
+        obs, _ = self.envs.reset(seed=self.seed)  # env i gets seed + i
+        alive = np.ones(M * N, np.float32)
+        out = {k: [] for k in ("obs", "action", "reward", "mask", "logp")}
+        for t in range(T):
+            action, logp = self.act(params_per_task, jnp.asarray(obs).reshape(M, N, -1), jax.random.fold_in(key, t))
+            action = np.asarray(action).reshape(M * N, -1)
+            env_action = self.low + (np.clip(action, -1, 1) + 1) * 0.5 * (self.high - self.low)
+            next_obs, reward, terminated, _, _ = self.envs.step(env_action)
+            for k, v in (("obs", obs), ("action", action), ("reward", reward * alive), ("mask", alive.copy()),
+                         ("logp", np.asarray(logp).reshape(-1))):
+                out[k].append(np.asarray(v, np.float32))
+            alive = alive * (1.0 - terminated)
+            obs = next_obs
+        # (T, M*N, ...) -> (M, N, T, ...)
+        arrays = {k: jnp.asarray(np.stack(v, 1).reshape(M, N, T, *np.shape(v[0])[1:])) for k, v in out.items()}
+        return Batch(advantage=jnp.zeros_like(arrays["reward"]), **arrays)
+
+
 # ----------------------------------------------------------------------------
 # Returns, baseline, advantages
 # ----------------------------------------------------------------------------
@@ -317,23 +364,31 @@ def adapt(apply_fn, theta, pre: Batch, cfg: Config):
 # ----------------------------------------------------------------------------
 # Outer step: the meta-objective, TRPO and ProMP
 # ----------------------------------------------------------------------------
-def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config):
-    """Per task (vmapped over the meta-batch): likelihood ratios of the post-update
-    samples under theta'(theta), and KL(pi_theta'(theta_old) || pi_theta'(theta))."""
+def old_post_update_policies(apply_fn, theta_old, pre: Batch, post: Batch, cfg: Config):
+    """pi_theta'_i(theta_old) at the post-update states: (mean, log_std), (M, N, T, A) each."""
+    return jax.vmap(lambda p, q: apply_fn(adapt(apply_fn, theta_old, p, cfg), q.obs))(pre, post)
 
-    def one_task(pre_i, post_i):
+
+def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config, old=None):
+    """Per task (vmapped over the meta-batch): likelihood ratios of the post-update
+    samples under theta'(theta), and KL(pi_theta'(theta_old) || pi_theta'(theta)).
+    `old` may hold the precomputed old policies (they do not depend on theta)."""
+    if old is None:
+        old = old_post_update_policies(apply_fn, theta_old, pre, post, cfg)
+    old = jax.lax.stop_gradient(old)
+
+    def one_task(pre_i, post_i, old_i):
         new = apply_fn(adapt(apply_fn, theta, pre_i, cfg), post_i.obs)
-        old = jax.lax.stop_gradient(apply_fn(adapt(apply_fn, theta_old, pre_i, cfg), post_i.obs))
         ratio = jnp.exp(gaussian_log_prob(*new, post_i.action) - post_i.logp)
-        kl = masked_mean(gaussian_kl(*old, *new), post_i.mask)
+        kl = masked_mean(gaussian_kl(*old_i, *new), post_i.mask)
         return ratio, kl
 
-    return jax.vmap(one_task)(pre, post)  # (M, N, T), (M,)
+    return jax.vmap(one_task)(pre, post, old)  # (M, N, T), (M,)
 
 
-def surrogate_and_kl(apply_fn, theta, theta_old, pre, post, cfg: Config):
+def surrogate_and_kl(apply_fn, theta, theta_old, pre, post, cfg: Config, old=None):
     """S(theta) = mean_i mean_t r_t A'_t and the mean KL, for TRPO."""
-    ratio, kl = post_update_terms(apply_fn, theta, theta_old, pre, post, cfg)
+    ratio, kl = post_update_terms(apply_fn, theta, theta_old, pre, post, cfg, old)
     return masked_mean(ratio * post.advantage, post.mask), kl.mean()
 
 
@@ -356,7 +411,8 @@ def conjugate_gradient(matvec, b, iters: int, tol: float = 1e-10):
 def trpo_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
     """[6] maml: one natural-gradient step with a KL-checked line search."""
     flat, unravel = ravel_pytree(theta)
-    objective = lambda f: surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, cfg)  # noqa: E731
+    old = old_post_update_policies(apply_fn, theta, pre, post, cfg)  # computed once
+    objective = lambda f: surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, cfg, old)  # noqa: E731
     surr_old, g = jax.value_and_grad(lambda f: objective(f)[0])(flat)
     kl_grad = jax.grad(lambda f: objective(f)[1])
 
@@ -367,17 +423,23 @@ def trpo_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
 
     x = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
     step = jnp.sqrt(2 * cfg.max_kl / (x @ fisher_vector_product(x) + 1e-12)) * x
-    # Try all shrink factors at once (vmapped); take the largest that keeps
-    # the KL within delta and improves the surrogate; else do not move.
-    coefs = cfg.backtrack_ratio ** jnp.arange(cfg.backtrack_steps)
-    surr, kl = jax.vmap(lambda c: objective(flat + c * step))(coefs)
-    ok = (kl <= cfg.max_kl) & (surr > surr_old) & jnp.isfinite(surr)
-    coef = jnp.where(ok.any(), coefs[jnp.argmax(ok)], 0.0)
-    new = unravel(flat + coef * step)
-    info = {"surrogate_gain": jnp.where(ok.any(), surr[jnp.argmax(ok)] - surr_old, 0.0),
-            "kl": jnp.where(ok.any(), kl[jnp.argmax(ok)], 0.0), "step_coef": coef,
-            "grad_norm": jnp.linalg.norm(g)}
-    return new, info
+    # Backtracking line search: shrink the step until the KL is within delta
+    # and the surrogate improves; after backtrack_steps failures, do not move.
+    def not_accepted(c):
+        i, _, surr, kl = c
+        return (i < cfg.backtrack_steps) & ~((kl <= cfg.max_kl) & (surr > surr_old))
+
+    def shrink(c):
+        i = c[0]
+        coef = cfg.backtrack_ratio**i
+        return (i + 1, coef, *objective(flat + coef * step))
+
+    i, coef, surr, kl = jax.lax.while_loop(not_accepted, shrink, shrink((0, 0.0, 0.0, 0.0)))
+    accepted = (kl <= cfg.max_kl) & (surr > surr_old)
+    coef = jnp.where(accepted, coef, 0.0)
+    info = {"surrogate_gain": jnp.where(accepted, surr - surr_old, 0.0), "kl": jnp.where(accepted, kl, 0.0),
+            "step_coef": coef, "grad_norm": jnp.linalg.norm(g)}
+    return unravel(flat + coef * step), info
 
 
 def promp_objective(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config):
@@ -410,16 +472,24 @@ def promp_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
 # ----------------------------------------------------------------------------
 # Meta-training phases and meta-test
 # ----------------------------------------------------------------------------
-def make_phases(env, policy: GaussianMLP, cfg: Config):
-    """The jitted phases of a meta-iteration (one jitted function per phase)."""
+def make_phases(env, policy: GaussianMLP, cfg: Config, env_id: str = "", seed: int = 0):
+    """The phases of a meta-iteration (one jitted function per phase)."""
     apply_fn = policy.apply
+    advantages = jax.jit(jax.vmap(lambda b: with_advantages(b, cfg.gamma)))
 
-    @jax.jit
-    def sample(params_per_task, tasks, key):
-        """[2]/[5] N trajectories per task with per-task params, + advantages."""
-        keys = jax.random.split(key, cfg.meta_batch)
-        batch = jax.vmap(lambda p, t, k: rollouts(apply_fn, p, t, k, env, cfg))(params_per_task, tasks, keys)
-        return jax.vmap(lambda b: with_advantages(b, cfg.gamma))(batch)
+    if isinstance(env, TaskFamily):  # MuJoCo: a vector env steps, JAX acts
+        gym_sampler = GymTaskSampler(env_id, apply_fn, cfg, seed)
+
+        def sample(params_per_task, tasks, key):
+            return advantages(gym_sampler(params_per_task, tasks, key))
+    else:  # pure JAX: all tasks and trajectories in one jitted, vmapped scan
+
+        @jax.jit
+        def sample(params_per_task, tasks, key):
+            """[2]/[5] N trajectories per task with per-task params, + advantages."""
+            keys = jax.random.split(key, cfg.meta_batch)
+            batch = jax.vmap(lambda p, t, k: rollouts(apply_fn, p, t, k, env, cfg))(params_per_task, tasks, keys)
+            return advantages(batch)
 
     @jax.jit
     def inner(params_per_task, batch, lr):
@@ -478,15 +548,19 @@ def meta_test(theta, tasks, key, phases, cfg: Config, steps: int):
 
 
 def make_task_env(env_id: str):
-    """The pure-JAX task family behind env_id, or a one-line error."""
-    func_env = func_env_of(make_env(env_id))
-    if func_env is None or not is_task_family(func_env):
+    """The task family behind env_id (a pure-JAX FuncEnv, or a MuJoCo
+    TaskFamily wrapper), or a one-line error."""
+    env = make_env(env_id)
+    family = func_env_of(env)
+    if family is None or not is_task_family(family):
+        family = task_family_of(env)
+    if family is None:
         fail(f"MAML needs a task family (an env with sample_tasks); '{env_id}' is not one "
-             f"(try PointNav2D-v0)")
-    if not isinstance(func_env.action_space, spaces.Box):
+             f"(try PointNav2D-v0, HalfCheetahDir-v0, HalfCheetahVel-v0, AntDir-v0)")
+    if not isinstance(family.action_space, spaces.Box):
         fail(f"this MAML uses a Gaussian policy and needs a Box action space; '{env_id}' has "
-             f"{func_env.action_space}")
-    return func_env
+             f"{family.action_space}")
+    return family
 
 
 def validate(args: Args) -> None:
@@ -517,7 +591,8 @@ def setup(args: Args):
         promp_kl_coef=args.promp_kl_coef)
     policy = GaussianMLP(cfg.action_dim, tuple(args.hidden_sizes))
     test_cfg = cfg._replace(meta_batch=args.eval_episodes)
-    return env, cfg, policy, make_phases(env, policy, cfg), test_cfg, make_phases(env, policy, test_cfg)
+    return (env, cfg, policy, make_phases(env, policy, cfg, args.env_id, args.seed), test_cfg,
+            make_phases(env, policy, test_cfg, args.env_id, args.seed + 10_000))
 
 
 def main(args: Args) -> dict:

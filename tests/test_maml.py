@@ -198,3 +198,42 @@ def test_cli_smoke_and_bad_inputs(tmp_path):
         out = cli(*flags, cwd=tmp_path)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetahVel-v0", "HalfCheetahDir-v0", "AntDir-v0"])
+def test_mujoco_task_families_set_the_reward_and_pass_check_env(env_id):
+    from gymnasium.utils.env_checker import check_env
+
+    from common.envs import make_env, task_family_of
+
+    env = make_env(env_id)
+    family = task_family_of(env)
+    check_env(family, skip_render_check=True)
+    tasks = np.asarray(family.sample_tasks(jax.random.PRNGKey(0), 200))
+    if env_id == "HalfCheetahVel-v0":
+        assert tasks.min() >= 0 and tasks.max() <= 2 and tasks.std() > 0.4
+    else:
+        assert set(tasks.tolist()) == {-1.0, 1.0}
+    action = np.linspace(-0.8, 0.8, env.action_space.shape[0]).astype(np.float32)
+    for task in (0.3, 1.0) if env_id == "HalfCheetahVel-v0" else (1.0, -1.0):
+        env.reset(seed=0, options={"task": task})
+        _, reward, _, _, info = env.step(action)
+        v, ctrl = info["x_velocity"], float(np.sum(action**2))
+        if env_id == "HalfCheetahVel-v0":
+            expected = -abs(v - task) - 0.05 * ctrl
+        elif env_id == "HalfCheetahDir-v0":
+            expected = task * v - 0.05 * ctrl
+        else:
+            expected = task * v - 0.01 * ctrl + info["reward_contact"] + 0.05
+        assert reward == pytest.approx(expected, rel=1e-5, abs=1e-6) and info["task"] == task
+
+
+def test_gym_sampler_gives_each_env_its_task():
+    cfg = tiny_config(obs_dim=17, action_dim=6, horizon=4, meta_batch=2, num_traj=2)
+    policy = maml.GaussianMLP(cfg.action_dim, (8,))
+    theta = policy.init(jax.random.PRNGKey(0), jnp.zeros(cfg.obs_dim))
+    sampler = maml.GymTaskSampler("HalfCheetahDir-v0", policy.apply, cfg, seed=0)
+    batch = sampler(maml.broadcast(theta, 2), jnp.array([1.0, -1.0]), jax.random.PRNGKey(1))
+    assert [float(t) for t in sampler.envs.get_attr("task")] == [1.0, 1.0, -1.0, -1.0]
+    assert batch.obs.shape == (2, 2, 4, 17) and batch.action.shape == (2, 2, 4, 6)
+    assert np.all(np.asarray(batch.mask) == 1.0) and np.all(np.isfinite(np.asarray(batch.logp)))

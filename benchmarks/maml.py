@@ -1,0 +1,105 @@
+"""MAML's adaptation curves (Finn et al. 2017, Fig. 5) against its baselines.
+
+For each seed: meta-train MAML (TRPO outer loop, second order), train the
+"pretrained" multi-task policy (the same TRPO on the task distribution with no
+inner step, `--inner-steps 0`) for the same number of iterations, and take a
+randomly initialised policy. Each is then meta-tested on the same new tasks:
+the mean return before adaptation and after 1, 2, 3 policy-gradient steps
+(step size alpha, then alpha / 2, as in the authors' test script).
+
+Run:
+    python -m benchmarks.maml                          # 2-D navigation, 3 seeds
+    python -m benchmarks.maml --iterations 20 --seeds 1
+Writes benchmarks/results/maml_<env>.json and benchmarks/plots/maml_<env>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from algos import maml  # noqa: E402
+from benchmarks.harness import mean_and_stderr, save_figure, save_results  # noqa: E402
+
+
+def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: int, estimator: str,
+        on_seed=None):
+    base = maml.Args(env_id=env_id, meta_batch=meta_batch, eval_episodes=test_tasks, estimator=estimator)
+    env, cfg, policy, _, test_cfg, test_phases = maml.setup(base)
+    tasks = env.sample_tasks(jax.random.PRNGKey(12345), test_tasks)  # the same new tasks for everyone
+    per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon
+    curves = {"MAML": [], "pretrained": [], "random init": []}
+    walls = {"MAML": [], "pretrained": []}
+    for seed in range(1, seeds + 1):
+        for name, inner in (("MAML", 1), ("pretrained", 0)):
+            args = maml.Args(env_id=env_id, seed=seed, meta_batch=meta_batch, eval_episodes=test_tasks,
+                             inner_steps=inner, estimator=estimator if inner else "maml",
+                             total_timesteps=iterations * per_iter * (inner + 1),
+                             eval_interval=iterations * per_iter * (inner + 1), exp_name=f"bench_{name}")
+            start = time.time()
+            out = maml.main(args)
+            walls[name].append(time.time() - start)
+            curves[name].append(maml.meta_test(out["theta"], tasks, jax.random.PRNGKey(seed), test_phases,
+                                               test_cfg, 3))
+            print(f"seed {seed} {name}: {np.round(curves[name][-1], 2)} ({walls[name][-1]:.0f} s)", flush=True)
+        theta0 = policy.init(jax.random.PRNGKey(seed), jnp.zeros(cfg.obs_dim))
+        curves["random init"].append(maml.meta_test(theta0, tasks, jax.random.PRNGKey(seed), test_phases,
+                                                    test_cfg, 3))
+        if on_seed is not None:  # write what we have after every seed
+            on_seed({k: np.array(v) for k, v in curves.items()}, walls)
+    return {k: np.array(v) for k, v in curves.items()}, walls
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--env-id", default="PointNav2D-v0")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=100, help="meta-iterations (authors' 2-D code: 100)")
+    parser.add_argument("--meta-batch", type=int, default=20)
+    parser.add_argument("--test-tasks", type=int, default=40)
+    parser.add_argument("--estimator", default="maml", choices=["maml", "promp"])
+    a = parser.parse_args()
+    run(a.env_id, a.seeds, a.iterations, a.meta_batch, a.test_tasks, a.estimator,
+        on_seed=lambda curves, walls: report(a, curves, walls))
+
+
+def report(a, curves, walls):
+    seeds = len(curves["MAML"])
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    steps = np.arange(4)
+    table = {}
+    for name, c in curves.items():
+        mean, se = mean_and_stderr(c) if len(c) > 1 else (c[0], np.zeros(4))
+        ax.errorbar(steps, mean, yerr=se, marker="o", capsize=3, label=name)
+        table[name] = {"mean": np.round(mean, 2).tolist(), "stderr": np.round(se, 2).tolist(),
+                       "per_seed": c.round(2).tolist()}
+        print(f"{name:12s} " + "  ".join(f"{m:8.2f} +- {s:5.2f}" for m, s in zip(mean, se, strict=True)))
+    ax.set(xlabel="number of gradient steps", ylabel="average return", xticks=steps,
+           title=f"MAML meta-test, {a.env_id} ({seeds} seeds, {a.test_tasks} new tasks)")
+    ax.legend()
+    tag = a.env_id.split("-")[0].lower() + ("_promp" if a.estimator == "promp" else "")
+    save_figure(fig, f"maml_{tag}")
+    plt.close(fig)
+    save_results(f"maml_{tag}", {
+        "env_id": a.env_id, "iterations": a.iterations, "meta_batch": a.meta_batch, "seeds": seeds,
+        "test_tasks": a.test_tasks, "estimator": a.estimator, "curves": table,
+        "wall_seconds": {k: np.round(v, 1).tolist() for k, v in walls.items()},
+        "headline": [{
+            "algorithm": "MAML" if a.estimator == "maml" else "ProMP",
+            "setting": f"{a.env_id}, {a.iterations} meta-iterations, return after 1 step",
+            "metric": "mean return on new tasks", "ours": table["MAML"]["mean"][1],
+            "reference": f"pretrained {table['pretrained']['mean'][1]}, random {table['random init']['mean'][1]}",
+            "seeds": seeds, "wall_seconds": round(float(np.mean(walls["MAML"])), 1)}],
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -51,3 +51,30 @@ class ReplayBuffer:
         """`batch_size` items drawn uniformly with replacement from the filled part."""
         idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(self.size, 1))
         return jax.tree.map(lambda buf: buf[idx], self.data)
+
+    def add_masked(self, batch, mask) -> ReplayBuffer:
+        """Append only the rows of `batch` where `mask` (n,) is True, in order, with a
+        fixed shape (jit-friendly): masked-out rows are scattered out of bounds and
+        dropped. For model rollouts, where terminated branches stop adding data."""
+        n = jax.tree.leaves(batch)[0].shape[0]
+        if n > self.capacity:
+            raise ValueError(f"cannot add {n} items to a buffer of capacity {self.capacity}")
+        mask = jnp.asarray(mask, bool)
+        offset = jnp.cumsum(mask) - 1  # (n,) position among the kept rows
+        idx = jnp.where(mask, (self.ptr + offset) % self.capacity, self.capacity)
+        data = jax.tree.map(lambda buf, x: buf.at[idx].set(x, mode="drop"), self.data, batch)
+        count = mask.sum().astype(jnp.int32)
+        return self.replace(
+            data=data,
+            ptr=(self.ptr + count) % self.capacity,
+            size=jnp.minimum(self.size + count, self.capacity),
+        )
+
+    def sample_recent(self, key: jax.Array, batch_size: int, n):
+        """`batch_size` items drawn uniformly with replacement from the `n` (may be
+        traced) most recently added ones: a buffer that behaves as if its capacity
+        were min(n, capacity), without reallocating when n changes."""
+        n = jnp.clip(jnp.minimum(n, self.size), 1, self.capacity)
+        back = jax.random.randint(key, (batch_size,), 0, n)  # 0 = newest
+        idx = (self.ptr - 1 - back) % self.capacity
+        return jax.tree.map(lambda buf: buf[idx], self.data)

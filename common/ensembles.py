@@ -334,7 +334,7 @@ def sample(cfg: EnsembleConfig, state: EnsembleState, key, x, deterministic: boo
     elite, so each elite runs only on its own rows (num_elites times cheaper than
     running every elite on every row and picking); every row still gets a
     uniformly random elite (mbrl-lib's "random_model" propagation does the same).
-    deterministic=True returns the chosen elite's mean."""
+    deterministic=True (or deterministic members) returns the chosen elite's mean."""
     b, k = x.shape[0], cfg.num_elites
     k_perm, k_noise = jax.random.split(key)
     chunk = -(-b // k)  # ceil
@@ -342,6 +342,9 @@ def sample(cfg: EnsembleConfig, state: EnsembleState, key, x, deterministic: boo
     xp = jnp.concatenate([x[perm], jnp.zeros((chunk * k - b, x.shape[1]), x.dtype)])
     elite_params = jax.tree.map(lambda p: p[state.elites], state.params)  # leading axis k
     mean, logvar = apply_members(cfg, elite_params, state.norm, xp.reshape(k, chunk, -1))
-    y = mean if deterministic else mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_noise, mean.shape)
+    if deterministic or not cfg.probabilistic:  # deterministic members: the mean, no noise
+        y = mean
+    else:
+        y = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_noise, mean.shape)
     y = denormalize_output(state.norm, y.reshape(k * chunk, -1)[:b])
     return jnp.zeros_like(y).at[perm].set(y)  # undo the permutation

@@ -1,0 +1,520 @@
+"""MBPO: Model-Based Policy Optimization (Janner, Fu, Zhang & Levine, 2019).
+
+Paper: "When to Trust Your Model: Model-Based Policy Optimization", NeurIPS 2019,
+https://arxiv.org/abs/1906.08253 (Alg. 2; configurations from jannerm/mbpo,
+`examples/config/<env>/0.py`). CS 285 (Levine), "Model-Based Policy Learning",
+part 2: short model rollouts branched from real states ("Dyna-style").
+
+What is here: a probabilistic ensemble of dynamics models (common/ensembles.py:
+7 Gaussian MLPs, 5 elites, holdout early stopping) retrained every 250 env
+steps; k-step model rollouts branched from states of the real replay buffer,
+with the paper's rollout-length schedule and known termination functions
+(common/envs.py); SAC (twin Q, target networks, automatic entropy tuning)
+updated G times per env step on minibatches mixing real data (fraction
+real_ratio) and model data. What is left out: the paper's model-error and
+return-discrepancy analyses (Sec. 4), and learned termination or reward-free
+variants.
+
+Run:
+    python -m algos.mbpo                                  # InvertedPendulum-v5, solves in ~10 min (CPU)
+    python -m algos.mbpo --env-id Hopper-v5               # the paper's Hopper config (125k steps)
+    python -m algos.mbpo --env-id HalfCheetah-v5 --num-updates 40
+
+Algorithm (Alg. 2 of the paper; the numbers mark the code below):
+    [1] fill the real buffer D_env with `random_steps` uniformly random actions
+    for each env step t:
+      [2] every model_train_freq steps: train the ensemble p_theta on D_env by
+          maximum likelihood (holdout early stopping, elites)            (line 3)
+      [3] ... then branch M = rollout_batch_size rollouts of length k(epoch)
+          from states drawn uniformly from D_env, using the policy and a random
+          elite per step; add them to D_model                      (lines 6-8)
+      [4] take an action in the real env with pi_phi; add it to D_env    (line 5)
+      [5] G SAC updates on minibatches of real_ratio D_env + (1 - real_ratio)
+          D_model: critic (Eq. below), actor, temperature, target nets (line 10)
+      [6] every eval_interval steps: evaluate the deterministic policy tanh(mu(s))
+
+SAC (Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications"):
+    y       = r + gamma (1 - terminated) [min_i Q_targ_i(s', a') - alpha log pi(a'|s')],  a' ~ pi(.|s')
+    L_Q     = sum_i 1/2 E[(Q_i(s, a) - y)^2]
+    L_pi    = E[alpha log pi(a|s) - min_i Q_i(s, a)],  a = tanh(mu + sigma eps) (reparameterised)
+    L_alpha = -E[log alpha (log pi(a|s) + H_target)]   -> entropy pulled towards H_target
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import NamedTuple
+
+import flax.linen as nn
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+
+from common import ensembles as ens
+from common.buffers import ReplayBuffer
+from common.envs import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, check_env_id, make_env, never_terminated
+from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
+
+# The paper's per-env settings (jannerm/mbpo examples/config/*/0.py): G updates per env
+# step, SAC target entropy, rollout-length schedule [start epoch, end epoch, min k, max k],
+# env steps per epoch, random initial steps, model width, and the paper's step budget.
+PAPER_CONFIGS = {
+    "InvertedPendulum-v5": dict(num_updates=10, target_entropy=-0.05, rollout_schedule=(1, 15, 1, 1),
+                                epoch_length=250, random_steps=500, model_hidden=200, budget=20_000),
+    "Hopper-v5": dict(num_updates=20, target_entropy=-1.0, rollout_schedule=(20, 150, 1, 15),
+                      epoch_length=1000, random_steps=5000, model_hidden=200, budget=125_000),
+    "Walker2d-v5": dict(num_updates=20, target_entropy=-3.0, rollout_schedule=(20, 150, 1, 1),
+                        epoch_length=1000, random_steps=5000, model_hidden=200, budget=300_000),
+    "HalfCheetah-v5": dict(num_updates=40, target_entropy=-3.0, rollout_schedule=(20, 150, 1, 1),
+                           epoch_length=1000, random_steps=5000, model_hidden=200, budget=400_000),
+    "Ant-v5": dict(num_updates=20, target_entropy=-4.0, rollout_schedule=(20, 100, 1, 25),
+                   epoch_length=1000, random_steps=5000, model_hidden=200, budget=300_000),
+    "Humanoid-v5": dict(num_updates=20, target_entropy=-2.0, rollout_schedule=(20, 300, 1, 25),
+                        epoch_length=1000, random_steps=5000, model_hidden=400, budget=300_000),
+}
+OTHER_ENV = dict(num_updates=20, target_entropy=None, rollout_schedule=(20, 150, 1, 1), epoch_length=1000,
+                 random_steps=5000, model_hidden=200, budget=None)  # target entropy None: -act_dim
+
+
+@dataclasses.dataclass
+class Args(CommonArgs):
+    env_id: str = "InvertedPendulum-v5"
+    """gymnasium env with a Box action space; the paper's settings are used for InvertedPendulum,
+    Hopper, Walker2d, HalfCheetah, Ant and Humanoid (-v5), generic ones otherwise"""
+    total_timesteps: int = 10_000
+    """real env steps, random ones included. The default solves InvertedPendulum-v5 (eval return
+    1000) in about ten minutes on a laptop CPU; the paper ran 20k"""
+    eval_interval: int = 1000
+    """evaluate the deterministic policy every this many env steps"""
+    eval_episodes: int = 5
+    """episodes per evaluation"""
+    num_updates: int | None = None
+    """G, SAC updates per env step (None: the paper's value for --env-id, 20 otherwise)"""
+    target_entropy: float | None = None
+    """SAC's target entropy (None: the paper's value for --env-id, -act_dim otherwise)"""
+    rollout_schedule: tuple[int, int, int, int] | None = None
+    """rollout length k: [start epoch, end epoch, min k, max k], linear in between (None: paper's)"""
+    epoch_length: int | None = None
+    """env steps per epoch of the schedule and of the model buffer (None: paper's, 1000 or 250)"""
+    random_steps: int | None = None
+    """[1] uniformly random steps before learning (None: paper's, 5000; 500 for InvertedPendulum)"""
+    model_train_freq: int = 250
+    """[2] retrain the model (and redo the rollouts) every this many env steps"""
+    rollout_batch_size: int = 100_000
+    """[3] M, model rollouts branched every model_train_freq steps (400 per env step)"""
+    model_retain_epochs: int = 1
+    """D_model keeps the rollouts of this many epochs"""
+    real_ratio: float = 0.05
+    """fraction of real data in each SAC minibatch"""
+    ensemble_size: int = 7
+    """models in the ensemble"""
+    num_elites: int = 5
+    """elites (lowest holdout error) used for rollouts"""
+    model_hidden: int | None = None
+    """width of the model's hidden layers (None: 200; 400 for Humanoid)"""
+    model_layers: int = 4
+    """hidden layers of each model"""
+    model_lr: float = 1e-3
+    """Adam step size of the model"""
+    model_max_epochs: int | None = None
+    """cap on model training epochs per fit (None: holdout early stopping alone, as the paper)"""
+    hidden: int = 256
+    """width of the two hidden layers of SAC's actor and critics"""
+    batch_size: int = 256
+    """SAC minibatch size"""
+    lr: float = 3e-4
+    """Adam step size of actor, critics and temperature"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """target network Polyak averaging rate"""
+
+
+# ----------------------------------------------------------------------------
+# Networks and containers
+# ----------------------------------------------------------------------------
+class Actor(nn.Module):
+    """Gaussian policy on pre-tanh actions: (mean, log_std), log_std clipped to [-20, 2]."""
+
+    act_dim: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, obs):
+        x = nn.relu(nn.Dense(self.hidden)(obs))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.act_dim)(x), jnp.clip(nn.Dense(self.act_dim)(x), -20.0, 2.0)
+
+
+class QNet(nn.Module):
+    hidden: int
+
+    @nn.compact
+    def __call__(self, obs, action):
+        x = jnp.concatenate([obs, action], -1)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(1)(x)[..., 0]
+
+
+# Twin critics as one module: params stacked on a leading axis of 2, output (2, B).
+TwinQ = nn.vmap(QNet, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None, out_axes=0,
+                axis_size=2)
+
+
+class SACState(NamedTuple):
+    actor: TrainState
+    critic: TrainState
+    target_params: dict  # critic's target network (Polyak average)
+    alpha: TrainState  # params: {"log_alpha": ()}
+
+
+class SACConfig(NamedTuple):
+    """Static numbers the jitted SAC phase is built for."""
+
+    num_updates: int  # G
+    batch_size: int
+    n_real: int  # real rows per minibatch: int(batch_size * real_ratio), as jannerm/mbpo
+    gamma: float
+    tau: float
+    target_entropy: float
+    hidden: int
+    act_dim: int
+
+
+def create_sac(key, obs_dim: int, cfg: SACConfig, lr: float) -> SACState:
+    k1, k2 = jax.random.split(key)
+    actor, critic = Actor(cfg.act_dim, cfg.hidden), TwinQ(cfg.hidden)
+    obs, act = jnp.zeros((1, obs_dim)), jnp.zeros((1, cfg.act_dim))
+    critic_params = critic.init(k2, obs, act)
+    return SACState(
+        TrainState.create(apply_fn=actor.apply, params=actor.init(k1, obs), tx=optax.adam(lr)),
+        TrainState.create(apply_fn=critic.apply, params=critic_params, tx=optax.adam(lr)),
+        critic_params,
+        TrainState.create(apply_fn=None, params={"log_alpha": jnp.zeros(())}, tx=optax.adam(lr)),
+    )
+
+
+def sample_action(actor_apply, actor_params, obs, key):
+    """a = tanh(u), u ~ N(mu(s), sigma(s)^2), re-parameterised; actions live in [-1, 1]
+    (scaled to the env's bounds only at env.step). Returns a (B, A) and log pi(a|s) (B,):
+        log pi(a|s) = log N(u) - sum_j log(1 - tanh(u_j)^2),
+    with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)) (stable for large |u|)."""
+    mean, log_std = actor_apply(actor_params, obs)
+    eps = jax.random.normal(key, mean.shape)
+    u = mean + jnp.exp(log_std) * eps
+    logp = jnp.sum(-0.5 * eps ** 2 - log_std - 0.5 * jnp.log(2 * jnp.pi), -1)
+    logp = logp - jnp.sum(2 * (jnp.log(2.0) - u - jax.nn.softplus(-2 * u)), -1)
+    return jnp.tanh(u), logp
+
+
+# ----------------------------------------------------------------------------
+# [3] Branched model rollouts
+# ----------------------------------------------------------------------------
+def rollout_length(schedule, epoch: int) -> int:
+    """k(epoch): min_k until start epoch, then linear to max_k at end epoch, then
+    max_k; rounded down (jannerm/mbpo `_set_rollout_length`)."""
+    start, end, min_k, max_k = schedule
+    frac = min(max((epoch - start) / max(end - start, 1), 0.0), 1.0)
+    return int(min_k + frac * (max_k - min_k))
+
+
+def model_rollouts(ens_cfg: ens.EnsembleConfig, term_fn, model_state: ens.EnsembleState, actor_apply,
+                   actor_params, model_buf: ReplayBuffer, start_obs, k, key):
+    """Branch len(start_obs) rollouts of k (traced) steps: a ~ pi(.|s) (stochastic, as
+    jannerm/mbpo), (r, s' - s) ~ a random elite's Gaussian, done = term_fn(s, a, s').
+    Every live transition goes to D_model (a terminal one with terminated=True);
+    a branch that terminates stops there (`alive` masks it out afterwards).
+    start_obs (M, obs_dim). Returns D_model, and the mean branch length."""
+
+    def body(_, carry):
+        buf, obs, alive, key = carry
+        key, k_act, k_model = jax.random.split(key, 3)
+        action, _ = sample_action(actor_apply, actor_params, obs, k_act)  # (M, A)
+        y = ens.sample(ens_cfg, model_state, k_model, ens.make_inputs(obs, action))  # (M, 1 + obs_dim)
+        next_obs, reward = ens.split_targets(obs, y)
+        done = jax.vmap(term_fn)(obs, action, next_obs)  # (M,) bool
+        buf = buf.add_masked(dict(obs=obs, action=action, reward=reward, next_obs=next_obs,
+                                  terminated=done.astype(jnp.float32)), alive)
+        return buf, next_obs, alive & ~done, key
+
+    m = start_obs.shape[0]
+    buf, _, alive, _ = jax.lax.fori_loop(0, k, body, (model_buf, start_obs, jnp.ones(m, bool), key))
+    return buf, alive
+
+
+# ----------------------------------------------------------------------------
+# [5] SAC updates
+# ----------------------------------------------------------------------------
+def soft_target(reward, terminated, next_q, next_logp, alpha, gamma):
+    """y = r + gamma (1 - terminated) (min_i Q_targ_i(s', a') - alpha log pi(a'|s')).
+    Only termination cuts the bootstrap: at a time-limit truncation the state is
+    not terminal and its value is still that of the next state."""
+    return reward + gamma * (1.0 - terminated) * (next_q - alpha * next_logp)
+
+
+def sac_update(cfg: SACConfig, state: SACState, batch: dict, key):
+    """One SAC step on a minibatch (B rows): critic, then actor, then temperature
+    (with the alpha of the start of the step), then the target critics."""
+    actor, critic = state.actor, state.critic
+    alpha = jnp.exp(state.alpha.params["log_alpha"])
+    k1, k2 = jax.random.split(key)
+
+    next_a, next_logp = sample_action(actor.apply_fn, actor.params, batch["next_obs"], k1)
+    next_q = critic.apply_fn(state.target_params, batch["next_obs"], next_a).min(0)  # (B,)
+    y = jax.lax.stop_gradient(soft_target(batch["reward"], batch["terminated"], next_q, next_logp, alpha,
+                                          cfg.gamma))
+
+    def critic_loss(params):
+        q = critic.apply_fn(params, batch["obs"], batch["action"])  # (2, B)
+        return 0.5 * ((q - y) ** 2).mean(1).sum(), q.mean()
+
+    (q_loss, q_mean), grads = jax.value_and_grad(critic_loss, has_aux=True)(critic.params)
+    critic = critic.apply_gradients(grads=grads)
+
+    def actor_loss(params):
+        a, logp = sample_action(actor.apply_fn, params, batch["obs"], k2)  # re-parameterised
+        q = critic.apply_fn(critic.params, batch["obs"], a).min(0)
+        return (alpha * logp - q).mean(), logp
+
+    (pi_loss, logp), grads = jax.value_and_grad(actor_loss, has_aux=True)(actor.params)
+    actor = actor.apply_gradients(grads=grads)
+
+    def alpha_loss(params):  # gradient sign: alpha grows when entropy -logp < target
+        return -(params["log_alpha"] * jax.lax.stop_gradient(logp + cfg.target_entropy)).mean()
+
+    a_loss, grads = jax.value_and_grad(alpha_loss)(state.alpha.params)
+    target = optax.incremental_update(critic.params, state.target_params, cfg.tau)
+    metrics = dict(critic_loss=q_loss, actor_loss=pi_loss, alpha_loss=a_loss, alpha=alpha, q=q_mean,
+                   entropy=-logp.mean())
+    return SACState(actor, critic, target, state.alpha.apply_gradients(grads=grads)), metrics
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("real_buf",))
+def sac_phase(cfg: SACConfig, state: SACState, real_buf: ReplayBuffer, transition: dict, model_buf: ReplayBuffer,
+              model_size, key):
+    """[4]+[5] Store the real transition, then G SAC updates as one lax.scan, each on
+    n_real rows of D_env and B - n_real rows of the newest `model_size` rows of
+    D_model. Returns the state, D_env and the mean metrics over the G updates."""
+    real_buf = real_buf.add(jax.tree.map(lambda x: x[None], transition))
+
+    def step(state, key):
+        k_real, k_model, k_sac = jax.random.split(key, 3)
+        real = real_buf.sample(k_real, cfg.n_real)
+        model = model_buf.sample_recent(k_model, cfg.batch_size - cfg.n_real, model_size)
+        batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), real, model)
+        return sac_update(cfg, state, batch, k_sac)
+
+    state, metrics = jax.lax.scan(step, state, jax.random.split(key, cfg.num_updates))
+    return state, real_buf, jax.tree.map(jnp.mean, metrics)
+
+
+@partial(jax.jit, donate_argnames=("real_buf",))
+def store(real_buf: ReplayBuffer, transition: dict):
+    """[1] Store a real transition (random phase: no updates yet)."""
+    return real_buf.add(jax.tree.map(lambda x: x[None], transition))
+
+
+@partial(jax.jit, static_argnames=("actor_apply", "deterministic"))
+def act(actor_apply, actor_params, obs, key, deterministic: bool = False):
+    """pi(.|s) for one observation: a sample, or tanh(mu(s)) for evaluation."""
+    if deterministic:
+        return jnp.tanh(actor_apply(actor_params, obs)[0])
+    return sample_action(actor_apply, actor_params, obs, key)[0]
+
+
+# ----------------------------------------------------------------------------
+# Settings, real env, evaluation
+# ----------------------------------------------------------------------------
+def resolve(args: Args, act_dim: int) -> Args:
+    """Fill the fields left None with the paper's values for --env-id."""
+    paper = PAPER_CONFIGS.get(args.env_id, OTHER_ENV)
+    out = dataclasses.replace(args)
+    for name in ("num_updates", "target_entropy", "rollout_schedule", "epoch_length", "random_steps",
+                 "model_hidden"):
+        if getattr(out, name) is None:
+            setattr(out, name, paper[name])
+    if out.target_entropy is None:
+        out.target_entropy = -float(act_dim)  # the usual SAC heuristic
+    return out
+
+
+def validate(args: Args) -> None:
+    """One-line errors for settings that cannot work."""
+    check_env_id(args.env_id)
+    space = make_env(args.env_id).action_space
+    if not isinstance(space, gym.spaces.Box):
+        fail(f"MBPO (SAC) needs a continuous (Box) action space; '{args.env_id}' has {space}")
+    positive = ("total_timesteps", "eval_interval", "eval_episodes", "model_train_freq", "rollout_batch_size",
+                "model_retain_epochs", "ensemble_size", "num_elites", "model_layers", "hidden", "batch_size")
+    for name in positive + ("num_updates", "epoch_length", "model_hidden"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.random_steps is not None and args.random_steps < 1:
+        fail(f"--random-steps must be >= 1, got {args.random_steps}")
+    if args.num_elites > args.ensemble_size:
+        fail(f"--num-elites ({args.num_elites}) cannot exceed --ensemble-size ({args.ensemble_size})")
+    if not 0.0 <= args.real_ratio <= 1.0:
+        fail(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
+    if args.rollout_schedule is not None:
+        start, end, min_k, max_k = args.rollout_schedule
+        if min_k < 1 or max_k < min_k or end < start:
+            fail(f"--rollout-schedule needs 1 <= min k <= max k and start <= end, got {args.rollout_schedule}")
+    random_steps = args.random_steps or PAPER_CONFIGS.get(args.env_id, OTHER_ENV)["random_steps"]
+    if args.total_timesteps <= random_steps:
+        fail(f"--total-timesteps ({args.total_timesteps}) must exceed --random-steps ({random_steps})")
+
+
+def evaluate(env, policy, episodes: int) -> np.ndarray:
+    """[6] Returns of full episodes of the deterministic policy."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ret = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            ret += float(reward)
+            done = terminated or truncated
+        returns.append(ret)
+    return np.asarray(returns)
+
+
+def transition(obs, action, reward, next_obs, terminated) -> dict:
+    """What D_env stores. `truncated` is deliberately absent: a time-limit cut is not
+    terminal, so bootstrapping continues through it (see soft_target)."""
+    f32 = lambda x: np.asarray(x, np.float32)
+    return dict(obs=f32(obs), action=f32(action), reward=f32(reward), next_obs=f32(next_obs),
+                terminated=f32(terminated))
+
+
+# ----------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    validate(args)
+    key = seed_everything(args.seed)
+    env_kwargs = TRUNCATED_OBS_KWARGS.get(args.env_id, {})
+    env, eval_env = make_env(args.env_id, **env_kwargs), make_env(args.env_id, **env_kwargs)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    args = resolve(args, act_dim)
+    run = Run(args)
+    if args.env_id not in TERMINATION_FUNCTIONS:
+        print(f"note: no termination function for {args.env_id}: model rollouts never terminate", flush=True)
+    term_fn = TERMINATION_FUNCTIONS.get(args.env_id, never_terminated)
+    low, high = env.action_space.low, env.action_space.high
+    to_env = lambda a: (low + (np.asarray(a, np.float64) + 1.0) * 0.5 * (high - low)).astype(np.float32)
+
+    ens_cfg = ens.EnsembleConfig(in_dim=obs_dim + act_dim, out_dim=1 + obs_dim, num_members=args.ensemble_size,
+                                 num_elites=args.num_elites, hidden=args.model_hidden, num_layers=args.model_layers,
+                                 lr=args.model_lr)
+    sac_cfg = SACConfig(args.num_updates, args.batch_size, int(args.batch_size * args.real_ratio), args.gamma,
+                        args.tau, float(args.target_entropy), args.hidden, act_dim)
+    key, k_model, k_sac = jax.random.split(key, 3)
+    model_state = ens.create(ens_cfg, k_model)
+    sac = create_sac(k_sac, obs_dim, sac_cfg, args.lr)
+    example = transition(np.zeros(obs_dim), np.zeros(act_dim), 0.0, np.zeros(obs_dim), 0.0)
+    real_buf = ReplayBuffer.create(example, args.total_timesteps)
+    # D_model: rollouts_per_epoch = M * epoch_length / model_train_freq branches per
+    # epoch, k transitions each, kept for model_retain_epochs (jannerm/mbpo's pool size
+    # rule). Allocated for the largest k; sampled from the newest k_now-sized part.
+    rollouts_per_epoch = args.rollout_batch_size * args.epoch_length // args.model_train_freq
+    model_capacity = args.model_retain_epochs * rollouts_per_epoch * args.rollout_schedule[3]
+    model_buf = ReplayBuffer.create(example, model_capacity)
+    model_size = 0
+    rng = np.random.default_rng(args.seed)
+    env.action_space.seed(args.seed)
+    eval_env.reset(seed=args.seed + 10_000)
+    policy_det = lambda o: to_env(act(sac.actor.apply_fn, sac.actor.params, jnp.asarray(o, jnp.float32), None, True))
+
+    timings = dict(model_train=0.0, rollouts=0.0, sac=0.0, env=0.0)
+    history, ep_return, returns, metrics, t0 = [], 0.0, [], {}, time.time()
+    obs, _ = env.reset(seed=args.seed)
+    for step in range(1, args.total_timesteps + 1):
+        learning = step > args.random_steps
+        if learning and (step - args.random_steps - 1) % args.model_train_freq == 0:
+            # [2] Train the model on all of D_env (Alg. 2, line 3)
+            tic = time.perf_counter()
+            n_real = int(real_buf.size)
+            data = jax.tree.map(lambda x, n=n_real: np.asarray(x[:n]), real_buf.data)
+            x = ens.make_inputs(data["obs"], data["action"])
+            y = ens.make_targets(data["obs"], data["reward"], data["next_obs"])
+            model_state, info = ens.train(ens_cfg, model_state, np.asarray(x), np.asarray(y), rng,
+                                          max_epochs=args.model_max_epochs)
+            check_finite(step, **{"model/holdout_mse": info["holdout_mse"]})
+            timings["model_train"] += time.perf_counter() - tic
+            # [3] Branched rollouts of length k from real states (Alg. 2, lines 6-8)
+            tic = time.perf_counter()
+            epoch = (step - 1) // args.epoch_length
+            k = rollout_length(args.rollout_schedule, epoch)
+            model_size = args.model_retain_epochs * rollouts_per_epoch * k  # D_model's size for this k
+            key, k_start, k_roll = jax.random.split(key, 3)
+            start = real_buf.sample(k_start, args.rollout_batch_size)["obs"]  # (M, obs_dim)
+            model_buf, alive = rollout_phase(ens_cfg, term_fn, model_state, sac.actor.apply_fn, sac.actor.params,
+                                             model_buf, start, k, k_roll)
+            jax.block_until_ready(model_buf)
+            timings["rollouts"] += time.perf_counter() - tic
+            metrics.update({"model/holdout_mse": info["elite_holdout_mse"], "model/epochs": info["epochs"],
+                            "model/rollout_length": k, "model/alive_fraction": float(alive.mean())})
+
+        # [4] Act in the real env with the current policy (random before learning)
+        key, k_act = jax.random.split(key)
+        if learning:
+            action = np.asarray(act(sac.actor.apply_fn, sac.actor.params, jnp.asarray(obs, jnp.float32), k_act))
+        else:
+            action = rng.uniform(-1.0, 1.0, act_dim).astype(np.float32)
+        tic = time.perf_counter()
+        next_obs, reward, terminated, truncated, _ = env.step(to_env(action))
+        timings["env"] += time.perf_counter() - tic
+        item = transition(obs, action, reward, next_obs, terminated)
+        ep_return += float(reward)
+        obs = next_obs
+        if terminated or truncated:
+            returns.append(ep_return)
+            ep_return = 0.0
+            obs, _ = env.reset()
+
+        if learning:
+            # [5] G SAC updates on real_ratio real + rest model data, one lax.scan (Alg. 2, line 10)
+            tic = time.perf_counter()
+            key, k_sac = jax.random.split(key)
+            sac, real_buf, sac_metrics = sac_phase(sac_cfg, sac, real_buf, item, model_buf, model_size, k_sac)
+            sac_metrics = jax.device_get(sac_metrics)
+            timings["sac"] += time.perf_counter() - tic
+            check_finite(step, **{f"sac/{k}": v for k, v in sac_metrics.items()})
+        else:
+            real_buf = store(real_buf, item)
+
+        if step % args.eval_interval == 0 or step == args.total_timesteps:
+            # [6] Deterministic evaluation
+            eval_returns = evaluate(eval_env, policy_det, args.eval_episodes)
+            row = {"eval/return": float(eval_returns.mean()), "eval/return_std": float(eval_returns.std()),
+                   "train/episode_return": float(np.mean(returns[-10:])) if returns else float("nan"),
+                   "sps": step / (time.time() - t0), **metrics}
+            if learning:
+                row.update({f"sac/{k}": float(v) for k, v in sac_metrics.items()})
+            run.log(row, step)
+            history.append({"step": step, "time": time.time() - t0, **row})
+
+    if args.save_model:
+        save_checkpoint(run.dir / "mbpo.msgpack", {"actor": sac.actor.params, "critic": sac.critic.params,
+                                                     "target": sac.target_params, "alpha": sac.alpha.params,
+                                                     "model": model_state.params, "model_norm": model_state.norm,
+                                                     "elites": model_state.elites})
+    if args.capture_video:
+        record_video(make_env(args.env_id, render_mode="rgb_array", **env_kwargs), policy_det, run.dir / "videos")
+    run.close()
+    return {"history": history, "timings": timings, "wall_seconds": time.time() - t0, "run_dir": str(run.dir)}
+
+
+rollout_phase = jax.jit(model_rollouts, static_argnames=("ens_cfg", "term_fn", "actor_apply"),
+                        donate_argnames=("model_buf",))
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,147 @@
+"""Benchmark: MBPO at the paper's settings (Janner et al. 2019, Fig. 2).
+
+Each (env, seed) runs `python -m algos.mbpo` with the paper's configuration for
+that env (algos/mbpo.py PAPER_CONFIGS) and its step budget, as its own process
+(`--parallel` of them at a time; on a GPU machine they share the GPU). The
+evaluation curve is read from the run's metrics.jsonl, so a run stopped by
+`--max-minutes` still contributes the part it finished (marked partial).
+
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo --envs InvertedPendulum-v5 --seeds 1 2 3
+    python -m benchmarks.mbpo --envs Hopper-v5 --seeds 1 --max-minutes 60
+    python -m benchmarks.mbpo --parallel 5        # the whole suite, e.g. on a GPU machine (jax[cuda])
+
+Writes benchmarks/results/mbpo.json (or mbpo_<tag>.json) and benchmarks/plots/mbpo*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from algos.mbpo import PAPER_CONFIGS  # noqa: E402
+from benchmarks.harness import plot_curve, save_figure, save_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# Published return at the paper's budget (Fig. 2 of the paper; see ../shared/REFERENCE.md:
+# InvertedPendulum, Hopper and Walker2d were reproduced by third parties, the others are
+# read from the plot and unverified).
+PUBLISHED = {
+    "InvertedPendulum-v5": (1000.0, "reproduced"),
+    "Hopper-v5": (3300.0, "reproduced: 3365 at 123k"),
+    "Walker2d-v5": (4500.0, "reproduced"),
+    "HalfCheetah-v5": (10000.0, "unverified, read from Fig. 2"),
+    "Ant-v5": (5500.0, "unverified, 5000-6000 read from Fig. 2"),
+    "Humanoid-v5": (6000.0, "unverified, read from Fig. 2"),
+}
+EVAL_INTERVAL = {"InvertedPendulum-v5": 1000}  # others: every 5000 steps
+
+
+def launch(env_id: str, seed: int, steps: int, workdir: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "algos.mbpo", "--env-id", env_id, "--seed", str(seed), "--total-timesteps",
+           str(steps), "--eval-interval", str(EVAL_INTERVAL.get(env_id, 5000)), "--eval-episodes", "5",
+           "--exp-name", "bench", *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"),
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "log.txt", "w")
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def read_curve(workdir: Path) -> dict:
+    files = list(workdir.glob("runs/*/metrics.jsonl"))
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+    return {"steps": [r["global_step"] for r in rows], "eval_return": [r["eval/return"] for r in rows],
+            "wall_seconds": [r["time"] for r in rows]}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--envs", nargs="+", default=list(PAPER_CONFIGS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--steps", type=int, default=None, help="override every env's paper budget")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop each run after this long (partial)")
+    p.add_argument("--tag", default="", help="results name suffix: mbpo_<tag>.json")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for algos.mbpo")
+    a = p.parse_args()
+
+    jobs = [(env_id, seed) for env_id in a.envs for seed in a.seeds]
+    tmp = Path(tempfile.mkdtemp(prefix="mbpo_bench_"))
+    running, done = {}, {}
+    while jobs or running:
+        while jobs and len(running) < a.parallel:
+            env_id, seed = jobs.pop(0)
+            steps = a.steps or PAPER_CONFIGS[env_id]["budget"]
+            wd = tmp / f"{env_id}_{seed}"
+            running[(env_id, seed)] = (launch(env_id, seed, steps, wd, a.extra), time.time(), wd, steps)
+        time.sleep(2)
+        for job, (proc, start, wd, steps) in list(running.items()):
+            over = a.max_minutes is not None and time.time() - start > 60 * a.max_minutes
+            if proc.poll() is None and not over:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            curve = read_curve(wd)
+            finished = proc.returncode == 0
+            done[job] = {"env_id": job[0], "seed": job[1], "budget": steps, "finished": finished, **curve,
+                         "returncode": proc.returncode, "log_tail": (wd / "log.txt").read_text()[-600:]}
+            last = curve["eval_return"][-1] if curve["eval_return"] else float("nan")
+            print(f"{job[0]} seed {job[1]}: {'done' if finished else 'stopped'} at step "
+                  f"{curve['steps'][-1] if curve['steps'] else 0}, eval return {last:.1f}", flush=True)
+            del running[job]
+
+    results, headline = {}, []
+    envs = [e for e in a.envs if any(k[0] == e for k in done)]
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.8), squeeze=False)
+    for ax, env_id in zip(axes[0], envs, strict=True):
+        runs = [done[(env_id, s)] for s in a.seeds if (env_id, s) in done]
+        n = min(len(r["steps"]) for r in runs)
+        published, note = PUBLISHED.get(env_id, (None, ""))
+        summary = {"runs": runs, "published": published, "published_note": note}
+        if n > 0:
+            x = np.asarray(runs[0]["steps"][:n])
+            curves = np.asarray([r["eval_return"][:n] for r in runs])
+            plot_curve(ax, x, curves, f"ours ({len(runs)} seeds)")
+            for r in runs:
+                ax.plot(r["steps"], r["eval_return"], lw=0.6, alpha=0.5, color="C0")
+            finals = curves[:, -1]
+            wall = float(np.mean([r["wall_seconds"][n - 1] for r in runs]))
+            summary.update(final_step=int(x[-1]), final_mean=float(finals.mean()),
+                           final_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+                           wall_seconds_mean=wall)
+            budget = runs[0]["budget"]
+            partial = int(x[-1]) < budget
+            headline.append({"algorithm": "MBPO", "setting": f"{env_id}, {int(x[-1]) // 1000}k steps"
+                             + (f" (partial: paper budget {budget // 1000}k)" if partial else ""),
+                             "metric": "eval return (5 episodes, deterministic)",
+                             "ours": f"{finals.mean():.0f} +- {summary['final_std']:.0f}",
+                             "reference": f"{published:.0f} at {budget // 1000}k ({note})" if published else "",
+                             "seeds": len(runs), "wall_seconds": round(wall)})
+        if published:
+            ax.axhline(published, ls="--", color="k", lw=1, label=f"paper at {runs[0]['budget'] // 1000}k")
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("eval return")
+        ax.legend(fontsize=8)
+        results[env_id] = summary
+    name = "mbpo" + (f"_{a.tag}" if a.tag else "")
+    save_results(name, {"settings": "paper configs (algos/mbpo.py PAPER_CONFIGS)", "seeds": a.seeds,
+                        "results": results, "headline": headline})
+    save_figure(fig, name)
+
+
+if __name__ == "__main__":
+    main()

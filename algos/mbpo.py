@@ -433,7 +433,7 @@ def main(args: Args) -> dict:
     eval_env.reset(seed=args.seed + 10_000)
     policy_det = lambda o: to_env(act(sac.actor.apply_fn, sac.actor.params, jnp.asarray(o, jnp.float32), None, True))
 
-    timings = dict(model_train=0.0, rollouts=0.0, sac=0.0, env=0.0)
+    timings = dict(model_train=0.0, rollouts=0.0, sac=0.0, env=0.0, eval=0.0)  # cumulative wall seconds
     history, ep_return, returns, metrics, t0 = [], 0.0, [], {}, time.time()
     obs, _ = env.reset(seed=args.seed)
     for step in range(1, args.total_timesteps + 1):
@@ -493,10 +493,12 @@ def main(args: Args) -> dict:
 
         if step % args.eval_interval == 0 or step == args.total_timesteps:
             # [6] Deterministic evaluation
+            tic = time.perf_counter()
             eval_returns = evaluate(eval_env, policy_det, args.eval_episodes)
+            timings["eval"] += time.perf_counter() - tic
             row = {"eval/return": float(eval_returns.mean()), "eval/return_std": float(eval_returns.std()),
                    "train/episode_return": float(np.mean(returns[-10:])) if returns else float("nan"),
-                   "sps": step / (time.time() - t0), **metrics}
+                   "sps": step / (time.time() - t0), **metrics, **{f"time/{k}": v for k, v in timings.items()}}
             if learning:
                 row.update({f"sac/{k}": float(v) for k, v in sac_metrics.items()})
             run.log(row, step)

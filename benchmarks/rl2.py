@@ -267,7 +267,8 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
         * out["config"].trial_len
     return {
         "setting": name, "env_id": env_id, "n": n, "rl2_flags": flags, "seeds": seeds,
-        "train_wall_seconds": train_wall, "train_wall_seconds_per_seed": walls, "table": table, "tuned_baselines": tuned, "duan": DUAN.get(name),
+        "train_wall_seconds": train_wall, "train_wall_seconds_per_seed": walls,
+        "table": table, "tuned_baselines": tuned, "duan": DUAN.get(name),
         "curve": {"env_steps": steps, "eval_trial_reward": evals.sum(-1).mean(-1)},  # (evals, seeds)
         "rl2_per_episode": rl2.mean((0, 1)),  # (n,) mean reward of episode i of a trial
     }

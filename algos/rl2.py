@@ -24,7 +24,7 @@ JAX task families (common/jax_envs.py: BernoulliBandit*, RandomMDP,
 PointNav2D), GAE over the whole trial, and PPO (clipped objective,
 minibatches of whole trials, back-propagation through the whole trial).
 Everything, sampling included, is one jitted program: `lax.scan` over PPO
-iterations, `vmap` over the meta-batch of tasks and over seeds. Left out:
+iterations, `vmap` over the meta-batch of tasks, `lax.map` over seeds. Left out:
 TRPO (PPO is the issue's choice and the usual one since), the paper's
 vision-based maze (Sec. 3.3). The hand-written baselines (UCB1, Thompson
 sampling, PSRL, ...) live in benchmarks/rl2.py.
@@ -87,7 +87,7 @@ class Args(CommonArgs):
     eval_episodes: int = 1000
     """trials per evaluation, each on a newly sampled task (Duan et al.: 1000)"""
     num_seeds: int = 1
-    """independent training runs, vmapped in one jitted program"""
+    """independent training runs, in one jitted program"""
     episodes_per_trial: int = 10
     """n, episodes per trial on the same task (hidden state kept across them)"""
     meta_batch: int = 256
@@ -372,7 +372,8 @@ def init_carry(key, cfg: Config) -> Carry:
 
 
 def make_train(env, cfg: Config, log_fn=None):
-    """Build the jitted `train(key)`: cfg.num_seeds runs of RL² as one program.
+    """Build the jitted `train(key)`: cfg.num_seeds runs of RL² as one program
+    (the meta-batch of tasks is vmapped; the seeds are mapped in sequence).
 
     Returns the final params (leading seed axis), the per-iteration training
     metrics (num_evals * updates_per_eval, seeds) and the evaluations
@@ -389,10 +390,14 @@ def make_train(env, cfg: Config, log_fn=None):
     def train(key):
         carry = jax.vmap(lambda k: init_carry(k, cfg))(jax.random.split(key, cfg.num_seeds))
         k_eval0 = jax.random.fold_in(key, 7)
-        eval0 = jax.vmap(lambda p: evaluate(p, env, k_eval0, cfg))(carry.train_state.params)
+        eval0 = jax.lax.map(lambda p: evaluate(p, env, k_eval0, cfg), carry.train_state.params)
 
         def body(carry, i):
-            carry, metrics, ev = jax.vmap(period)(carry)
+            # Seeds one after another inside the program (lax.map). jax.vmap
+            # would batch them, which only pays on an accelerator, and on
+            # XLA:CPU (jax 0.10.2) the vmapped program hung at meta-batch 256
+            # x 256 units on our 2-core machine.
+            carry, metrics, ev = jax.lax.map(period, carry)
             if log_fn is not None:  # progress, as means over seeds
                 step = (i + 1) * cfg.updates_per_eval * steps_per_update
                 jax.debug.callback(log_fn, step, {

@@ -548,3 +548,73 @@ register_all()
 def func_env_of(env: gym.Env) -> Any:
     """The FuncEnv behind a gymnasium env made from this module, else None."""
     return getattr(env.unwrapped, "func_env", None)
+
+
+# --------------------------------------------------------------------------
+# Linear point mass (guided policy search tests)
+# --------------------------------------------------------------------------
+class PointMassParams(NamedTuple):
+    """The task (a GPS condition) of the point mass: where it starts."""
+
+    start: jax.Array  # (2,) float32
+
+
+class PointMass(FuncEnv):
+    """A 2-D point mass with linear dynamics, for testing LQR-based methods.
+
+    State = observation = (position (2,), velocity (2,)), starting at rest at
+    `params.start`; the action is a force (2,), unclipped, so the dynamics are
+    exactly linear: v' = v + dt u, p' = p + dt v' (semi-implicit Euler,
+    dt = 0.1). The reward is minus the distance of the new position to the
+    origin. Episodes last `horizon` = 30 steps (no early termination).
+    """
+
+    dt = 0.1
+
+    def __init__(self, horizon: int = 30):
+        self.horizon = int(horizon)
+        super().__init__()
+        self.observation_space = spaces.Box(-np.inf, np.inf, (4,), np.float32)
+        self.action_space = spaces.Box(-10.0, 10.0, (2,), np.float32)
+
+    def get_default_params(self, **kwargs) -> PointMassParams:
+        return PointMassParams(jnp.array([1.0, 0.0], jnp.float32))
+
+    def initial(self, rng, params=None):
+        params = self.default_params if params is None else params
+        return jnp.concatenate([jnp.asarray(params.start, jnp.float32), jnp.zeros(2, jnp.float32)])
+
+    def transition(self, state, action, rng, params=None):
+        vel = state[2:] + self.dt * jnp.asarray(action, jnp.float32)
+        return jnp.concatenate([state[:2] + self.dt * vel, vel])
+
+    def observation(self, state, rng, params=None):
+        return state
+
+    def terminal(self, state, rng, params=None):
+        return jnp.bool_(False)
+
+    def reward(self, state, action, next_state, rng, params=None):
+        return -jnp.linalg.norm(next_state[:2])
+
+    def render_init(self, params=None, **kwargs):
+        return None
+
+    def render_image(self, state, render_state, params=None, size: int = 128):
+        img = np.full((size, size, 3), 235, dtype=np.uint8)
+        col, row = (np.clip(np.asarray(state[:2]), -1.5, 1.5) / 3 + 0.5) * (size - 1)
+        r, c = int(size - 1 - row), int(col)
+        img[max(r - 2, 0): r + 3, max(c - 2, 0): c + 3] = (40, 90, 220)
+        return render_state, img
+
+    def render_close(self, render_state, params=None):
+        pass
+
+
+def _point_mass_entry(render_mode=None, **kwargs):
+    return JaxEnv(PointMass(**kwargs), render_mode=render_mode)
+
+
+REGISTERED["PointMass-v0"] = (_point_mass_entry, {"horizon": 30})
+MAX_EPISODE_STEPS["PointMass-v0"] = 30
+register_all()

@@ -1,0 +1,650 @@
+"""Guided policy search: LQR-FLM local controllers and mirror-descent GPS.
+
+Papers and lecture:
+- Levine & Abbeel 2014, "Learning Neural Network Policies with Guided Policy
+  Search under Unknown Dynamics" (NIPS), https://arxiv.org/abs/1406.2166 (no
+  arXiv; NIPS proceedings): time-varying linear-Gaussian controllers improved by
+  LQR on fitted local models (LQR-FLM) under a KL bound, with a GMM prior on
+  the dynamics (Sec. 3.1-3.3).
+- Levine, Finn, Darrell & Abbeel 2016, "End-to-End Training of Deep Visuomotor
+  Policies" (JMLR), https://arxiv.org/abs/1504.00702: Appendix A.3 (dynamics
+  prior), A.4 (the eta search), A.5 (step-size adaptation).
+- Montgomery & Levine 2016, "Guided Policy Search as Approximate Mirror
+  Descent" (NIPS), https://arxiv.org/abs/1607.04614: MDGPS, Alg. 2 - the C-step
+  bounds KL(p_i || linearised global policy), the S-step is supervised learning.
+- CS 285 (Levine), "Model-Based Policy Learning" part 2: the GPS recipe.
+Reference code: cbfinn/gps (Python 2, Caffe; read for constants, not copied).
+
+What is here: M conditions (fixed initial states/targets, reset exactly by the
+env wrapper in common/envs.py), one linear-Gaussian controller
+p_i(u_t | x_t) = N(K_t x_t + k_t, S_t) per condition, dynamics
+x_{t+1} ~ N(F_t [x_t; u_t] + f_t, D_t) fitted per time step by regression with
+a normal-inverse-Wishart prior from a GMM over recent (x, u, x') tuples, the
+KL-constrained LQG backward pass (cost derivatives by jax autodiff, eta by a
+bracketing search), the forward pass for the state-action marginals, step-size
+adaptation, and the S-step: an MLP policy pi_theta(u | o) fitted to the
+controllers' means weighted by their precisions. The global policy sees the
+env's observation o (Reacher: cos/sin of the joint angles, target, joint
+velocities, fingertip - target), the controllers see the state x
+(joint angles and velocities, fingertip - target and its velocity).
+Left out: BADMM GPS, the PILQR/path-integral variants, smoothed exploration
+noise (white noise here), the reference's LQR-based controller initialisation
+(we start from zero gains with variance init_var, the reference's init_pd with
+zero gains), image observations.
+
+Run:
+    python -m algos.gps                          # MDGPS on Reacher-v5, 4 conditions
+    python -m algos.gps --algorithm lqr_flm      # local controllers only
+    python -m algos.gps --env-id PointMass-v0 --horizon 30 --init-var 1.0
+
+Algorithm (Montgomery & Levine 2016, Alg. 2; the numbers mark the code below):
+    [0] initialise p_i = N(0, init_var I) for every training condition i
+    for iteration = 1..K:
+      [1] run each p_i N times from condition i (exact reset): tau_{i,j}
+      [2] quadratise the cost along the samples (autodiff), average over samples
+      [3] fit the dynamics p(x'|x,u) per time step, NIW prior from a GMM
+      [4] (mdgps) linearise pi_theta around the samples: pi_lin_i(u|x)
+      [5] adapt the step epsilon_i from predicted vs actual cost improvement
+      [6] C-step: p_i <- argmin E_p[cost] s.t. KL(p_i || prev_i) <= epsilon_i,
+          prev_i = old p_i (lqr_flm) or pi_lin_i (mdgps); eta by bracketing
+      [7] (mdgps) S-step: theta <- argmin sum_{i,j,t} ||pi_theta(o_t) - mu_i(x_t)||^2_{S_t^-1}
+      [8] evaluate: controllers' samples, global policy on training and held-out conditions
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax.training.train_state import TrainState
+from gymnasium import spaces
+from jax.scipy.linalg import cho_solve, cholesky
+from jax.scipy.special import logsumexp
+from jax.scipy.stats import multivariate_normal
+
+from common.envs import make_conditions_env
+from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
+
+
+@dataclasses.dataclass
+class Args(CommonArgs):
+    env_id: str = "Reacher-v5"
+    """a conditions env of common/envs.py (exact state reset): Reacher-v5 or PointMass-v0"""
+    total_timesteps: int = 10_000
+    """real training steps; iterations = total_timesteps // (conditions * num_samples * horizon)"""
+    eval_interval: int = 1
+    """evaluate the global policy every this many iterations (GPS counts iterations)"""
+    algorithm: Literal["mdgps", "lqr_flm"] = "mdgps"
+    """mdgps: C-step bounded by KL to the linearised global policy, then S-step; lqr_flm: controllers only"""
+    conditions: int = 4
+    """training conditions used (the env offers at most its own number)"""
+    horizon: int = 50
+    """T, steps per trajectory (Reacher-v5 episodes are 50 steps)"""
+    num_samples: int = 5
+    """N, trajectories per condition per iteration (cbfinn/gps: 5)"""
+    init_var: float = 0.01
+    """variance of the initial controllers' Gaussian noise (zero gains); Reacher's torques are strong (gear 200)"""
+    kl_step: float = 1.0
+    """base KL step epsilon per time step; the bound is kl_step * step_mult * T (cbfinn/gps: 1.0)"""
+    min_step_mult: float = 0.01
+    """lower limit of the adapted step multiplier (cbfinn/gps)"""
+    max_step_mult: float = 10.0
+    """upper limit of the adapted step multiplier (cbfinn/gps)"""
+    prior_samples: int = 20
+    """trajectories per condition kept for the GMM priors (cbfinn/gps max_samples)"""
+    max_clusters: int = 20
+    """GMM clusters at most (cbfinn/gps)"""
+    min_points_per_cluster: int = 40
+    """clusters = min(max_clusters, points / this) (cbfinn/gps min_samples_per_cluster)"""
+    gmm_iters: int = 100
+    """EM iterations of the GMM (cbfinn/gps max_iters)"""
+    policy_hidden: tuple[int, ...] = (64, 64)
+    """hidden layers of the global policy MLP (relu)"""
+    policy_lr: float = 1e-3
+    """Adam learning rate of the S-step"""
+    policy_steps: int = 1000
+    """Adam steps per S-step (minibatches)"""
+    policy_batch_size: int = 128
+    """S-step minibatch size"""
+
+
+# --------------------------------------------------------------------------
+# Containers (T = horizon, dX state, dU action, D = dX + dU)
+# --------------------------------------------------------------------------
+class LinearGaussian(NamedTuple):
+    """p(u_t | x_t) = N(K_t x_t + k_t, cov_t): a controller or a policy linearisation."""
+
+    K: jax.Array  # (T, dU, dX)
+    k: jax.Array  # (T, dU)
+    cov: jax.Array  # (T, dU, dU)
+
+
+class Dynamics(NamedTuple):
+    """x_{t+1} ~ N(F_t [x_t; u_t] + f_t, cov_t) and x_0 ~ N(x0_mean, x0_cov)."""
+
+    F: jax.Array  # (T, dX, D); F[T-1] = 0 (no transition after the last step)
+    f: jax.Array  # (T, dX)
+    cov: jax.Array  # (T, dX, dX)
+    x0_mean: jax.Array  # (dX,)
+    x0_cov: jax.Array  # (dX, dX)
+
+
+class QuadCost(NamedTuple):
+    """cost_t(v) ~ 0.5 v^T C_t v + v^T c_t + c0_t with v = [x; u]."""
+
+    C: jax.Array  # (T, D, D)
+    c: jax.Array  # (T, D)
+    c0: jax.Array  # (T,)
+
+
+class GMM(NamedTuple):
+    log_mass: jax.Array  # (K,); -inf for unused clusters
+    mean: jax.Array  # (K, P)
+    cov: jax.Array  # (K, P, P)
+
+
+def sym(a):
+    return 0.5 * (a + jnp.swapaxes(a, -1, -2))
+
+
+def init_controller(T: int, dX: int, dU: int, init_var: float) -> LinearGaussian:
+    """[0] Zero gains, isotropic noise (cbfinn/gps init_pd with zero gains)."""
+    return LinearGaussian(jnp.zeros((T, dU, dX)), jnp.zeros((T, dU)), jnp.tile(init_var * jnp.eye(dU), (T, 1, 1)))
+
+
+# --------------------------------------------------------------------------
+# GMM prior and linear-Gaussian regression (Levine et al. 2016, App. A.3)
+# --------------------------------------------------------------------------
+def fit_gmm(key, data, weights, num_clusters, max_clusters: int, iters: int) -> GMM:
+    """EM on `data` (P, D) with 0/1 point `weights` (P,), using `num_clusters`
+    (traced, <= max_clusters) clusters so that the shapes never change.
+    Random hard assignment to start; clusters whose mass falls under
+    1e-4 / K are rebooted to uniform weights (as cbfinn/gps utility/gmm.py)."""
+    P, D = data.shape
+    active = jnp.arange(max_clusters) < num_clusters
+    resp = jax.nn.one_hot(jax.random.randint(key, (P,), 0, num_clusters), max_clusters, dtype=data.dtype)
+    resp = resp * weights[:, None]
+    log_mass = jnp.where(active, -jnp.log(jnp.asarray(num_clusters, data.dtype)), -jnp.inf).astype(data.dtype)
+
+    def m_step(resp, log_mass):
+        rn = resp / jnp.maximum(resp.sum(0), 1e-12)  # (P, K), columns sum to 1
+        small = jnp.exp(log_mass) < 1e-4 / num_clusters
+        rn = jnp.where(small[None, :], (weights / weights.sum())[:, None], rn)
+        mean = rn.T @ data  # (K, D)
+        cov = jnp.einsum("pk,pd,pe->kde", rn, data, data) - mean[:, :, None] * mean[:, None, :]
+        return GMM(log_mass, mean, sym(cov) + 1e-6 * jnp.eye(D))
+
+    def em(_, gmm):
+        log_obs = gmm_log_obs(gmm, data)  # (P, K)
+        resp = jnp.exp(log_obs - logsumexp(log_obs, axis=1, keepdims=True)) * weights[:, None]
+        log_mass = jnp.where(active, jnp.log(resp.sum(0) / weights.sum()), -jnp.inf)
+        return m_step(resp, log_mass)
+
+    return jax.lax.fori_loop(0, iters, em, m_step(resp, log_mass))
+
+
+def gmm_log_obs(gmm: GMM, pts):
+    """log pi_k + log N(pts | mu_k, Sigma_k): (n, K)."""
+    logpdf = jax.vmap(lambda m, c: multivariate_normal.logpdf(pts, m, c))(gmm.mean, gmm.cov).T
+    return logpdf + gmm.log_mass
+
+
+def niw_prior(gmm: GMM, pts, num_points):
+    """Prior (mu0, Phi, m, n0) for the points `pts` (n, D): the mixture's moments
+    under the cluster weights averaged over pts, with m = 1 and
+    n0 = (num_points - 2 - D) / num_points (cbfinn/gps GMM.inference: the prior
+    counts as about one sample)."""
+    log_obs = gmm_log_obs(gmm, pts)
+    log_w = logsumexp(log_obs - logsumexp(log_obs, axis=1, keepdims=True), axis=0) - jnp.log(pts.shape[0])
+    w = jnp.exp(log_w)  # (K,)
+    mu0 = w @ gmm.mean
+    diff = gmm.mean - mu0
+    Phi = jnp.einsum("k,kde->de", w, gmm.cov + diff[:, :, None] * diff[:, None, :])
+    return mu0, Phi, 1.0, (num_points - 2.0 - pts.shape[1]) / num_points
+
+
+def fit_linear_gaussian(pts, d_in: int, prior, reg: float = 1e-6):
+    """Regress the last columns of `pts` (N, d_in + d_out) on the first d_in:
+    y ~ N(F z + f, cov), from the joint Gaussian's NIW posterior mode
+        Sigma = (N S_emp + Phi + N m / (N + m) (mu_emp - mu0)(mu_emp - mu0)^T) / (N + n0)
+    then conditioning: F = Sigma_yz Sigma_zz^-1, f = mu_y - F mu_z,
+    cov = Sigma_yy - F Sigma_zz F^T (Levine et al. 2016, App. A.3)."""
+    mu0, Phi, m, n0 = prior
+    N = pts.shape[0]
+    mu = pts.mean(0)
+    diff = pts - mu
+    emp = diff.T @ diff / N
+    d = mu - mu0
+    sigma = sym((N * emp + Phi + (N * m) / (N + m) * jnp.outer(d, d)) / (N + n0))
+    szz = sigma[:d_in, :d_in] + reg * jnp.eye(d_in)
+    F = cho_solve((cholesky(szz, lower=True), True), sigma[:d_in, d_in:]).T  # (d_out, d_in)
+    f = mu[d_in:] - F @ mu[:d_in]
+    cov = sym(sigma[d_in:, d_in:] - F @ szz @ F.T)
+    return F, f, cov
+
+
+def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, cfg):
+    """Per-time-step linear-Gaussian fits of out_t on in_t from the current
+    samples cur_* (N, T', .), each with the NIW prior of one GMM over all
+    (in, out) pairs of the buffer buf_* (S, T', .) (rows with mask 0 unused).
+    Returns F (T', d_out, d_in), f (T', d_out), cov (T', d_out, d_out)."""
+    S, Tp, d_in = buf_in.shape
+    data = jnp.concatenate([buf_in, buf_out], -1).reshape(S * Tp, -1)
+    weights = jnp.repeat(buf_mask, Tp)
+    num_points = weights.sum()
+    K = jnp.clip(jnp.floor(num_points / cfg["min_points"]), 2, cfg["max_clusters"]).astype(jnp.int32)
+    gmm = fit_gmm(key, data, weights, K, cfg["max_clusters"], cfg["gmm_iters"])
+    pts = jnp.concatenate([cur_in, cur_out], -1)  # (N, T', P)
+
+    def one_step(pts_t):
+        return fit_linear_gaussian(pts_t, d_in, niw_prior(gmm, pts_t, num_points))
+
+    return jax.vmap(one_step, in_axes=1)(pts)
+
+
+@partial(jax.jit, static_argnames="cfg_items")
+def fit_dynamics(key, buf_X, buf_U, buf_mask, X, U, cfg_items) -> Dynamics:
+    """[3] Dynamics of one condition from its samples X (N, T, dX), U (N, T, dU)
+    and the GMM buffer (S, T, .). x0 ~ N(sample mean, diag(max(var, 1e-6))):
+    with exact resets the prior's x0 term of cbfinn/gps is zero and left out."""
+    cfg = dict(cfg_items)
+    xu = lambda X, U: jnp.concatenate([X[:, :-1], U[:, :-1]], -1)  # noqa: E731
+    F, f, cov = fit_time_varying(key, xu(buf_X, buf_U), buf_X[:, 1:], buf_mask, xu(X, U), X[:, 1:], cfg)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])  # noqa: E731  (no transition after T-1)
+    x0_cov = jnp.diag(jnp.maximum(X[:, 0].var(0), 1e-6))
+    return Dynamics(pad(F), pad(f), pad(cov), X[:, 0].mean(0), x0_cov)
+
+
+@partial(jax.jit, static_argnames="cfg_items")
+def fit_policy_linearization(key, buf_X, buf_pol, buf_mask, X, pol_mu, pol_var, cfg_items) -> LinearGaussian:
+    """[4] pi_lin(u_t | x_t) = N(K_t x_t + k_t, cov_t + diag(pol_var)): a
+    regression of the global policy's mean actions on the states along the
+    samples, with a GMM prior over (x, pi_theta(o)) (cbfinn/gps PolicyPriorGMM)."""
+    K, k, cov = fit_time_varying(key, buf_X, buf_pol, buf_mask, X, pol_mu, dict(cfg_items))
+    return LinearGaussian(K, k, cov + jnp.diag(pol_var))
+
+
+# --------------------------------------------------------------------------
+# Cost quadratisation by autodiff
+# --------------------------------------------------------------------------
+def psd(H):
+    """Clip negative eigenvalues: the log term's Hessian is indefinite far
+    from the target, and an LQR cost must be convex (Gauss-Newton practice)."""
+    w, V = jnp.linalg.eigh(sym(H))
+    return (V * jnp.maximum(w, 0.0)) @ V.T
+
+
+def quadratize_cost(cost_fn, X, U) -> tuple[QuadCost, jax.Array]:
+    """[2] Second-order expansion of cost_fn(x, u, final) at every sample,
+    re-centred at the origin and averaged over the N samples (cbfinn/gps
+    _eval_cost). X (N, T, dX), U (N, T, dU). Also returns the costs (N, T)."""
+    T, dX = X.shape[1], X.shape[2]
+    final = jnp.arange(T) == T - 1
+
+    def one(x, u, fin):
+        v = jnp.concatenate([x, u])
+        f = lambda v: cost_fn(v[:dX], v[dX:], fin)  # noqa: E731
+        val, g, H = f(v), jax.grad(f)(v), psd(jax.hessian(f)(v))
+        return H, g - H @ v, val - g @ v + 0.5 * v @ H @ v, val
+
+    C, c, c0, vals = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0)), in_axes=(0, 0, None))(X, U, final)
+    return QuadCost(C.mean(0), c.mean(0), c0.mean(0)), vals
+
+
+# --------------------------------------------------------------------------
+# The KL-constrained LQG step (Levine & Abbeel 2014, Sec. 3.1; Levine et al. 2016, App. A.4)
+# --------------------------------------------------------------------------
+def lqg_backward(eta, prev: LinearGaussian, dyn: Dynamics, cost: QuadCost):
+    """Minimise E_p[cost/eta - log prev(u|x)] - H(p) by dynamic programming.
+
+    The Lagrangian of min E_p[cost] s.t. KL(p || prev) <= eps, divided by eta,
+    is the LQR problem with cost c/eta - log prev(u|x) plus an entropy bonus.
+    -log prev is quadratic in (x, u) because prev is linear-Gaussian:
+        0.5 [x;u]^T [[K^T P K, -K^T P], [-P K, P]] [x;u] + [x;u]^T [K^T P k; -P k],
+    P = prev.cov^-1. The maximum-entropy solution is N(K x + k, Q_uu^-1).
+    Returns the new controller and whether every Q_uu was positive definite."""
+    dX = dyn.F.shape[1]
+    P = jnp.linalg.inv(prev.cov)  # (T, dU, dU)
+    KtP = jnp.swapaxes(prev.K, 1, 2) @ P  # (T, dX, dU)
+    Ckl = jnp.concatenate([jnp.concatenate([KtP @ prev.K, -KtP], 2),
+                           jnp.concatenate([-jnp.swapaxes(KtP, 1, 2), P], 2)], 1)
+    ckl = jnp.concatenate([jnp.einsum("txu,tu->tx", KtP, prev.k), -jnp.einsum("tuv,tv->tu", P, prev.k)], 1)
+    C, c = cost.C / eta + Ckl, cost.c / eta + ckl
+
+    def step(carry, inp):
+        Vxx, Vx = carry  # value of x_{t+1}: 0.5 x^T Vxx x + x^T Vx
+        C_t, c_t, F_t, f_t = inp
+        Q = sym(C_t + F_t.T @ Vxx @ F_t)  # (D, D)
+        q = c_t + F_t.T @ (Vx + Vxx @ f_t)
+        L = cholesky(Q[dX:, dX:], lower=True)
+        ok = jnp.all(jnp.isfinite(L))
+        K = -cho_solve((L, True), Q[dX:, :dX])
+        k = -cho_solve((L, True), q[dX:])
+        cov = cho_solve((L, True), jnp.eye(L.shape[0]))
+        Vxx = sym(Q[:dX, :dX] + Q[:dX, dX:] @ K)
+        Vx = q[:dX] + Q[:dX, dX:] @ k
+        return (Vxx, Vx), (K, k, sym(cov), ok)
+
+    init = (jnp.zeros((dX, dX)), jnp.zeros(dX))
+    _, (K, k, cov, ok) = jax.lax.scan(step, init, (C, c, dyn.F, dyn.f), reverse=True)
+    return LinearGaussian(K, k, cov), jnp.all(ok)
+
+
+def lqg_forward(ctrl: LinearGaussian, dyn: Dynamics):
+    """State-action marginals N(mu_t, sigma_t) of the controller under the
+    fitted dynamics: mu (T, D), sigma (T, D, D)."""
+
+    def step(carry, inp):
+        mx, Sx = carry
+        K, k, cov, F, f, Dcov = inp
+        mu = jnp.concatenate([mx, K @ mx + k])
+        SKt = Sx @ K.T
+        sigma = jnp.block([[Sx, SKt], [SKt.T, K @ SKt + cov]])
+        return (F @ mu + f, sym(F @ sigma @ F.T + Dcov)), (mu, sigma)
+
+    _, (mu, sigma) = jax.lax.scan(step, (dyn.x0_mean, dyn.x0_cov), (*ctrl, dyn.F, dyn.f, dyn.cov))
+    return mu, sigma
+
+
+def traj_kl(mu, sigma, new: LinearGaussian, prev: LinearGaussian):
+    """sum_t E_{x_t ~ p_new}[KL(new(u|x_t) || prev(u|x_t))] in closed form.
+    Both conditionals are Gaussians whose means are affine in x, so the KL is
+    quadratic in x and its expectation under the Gaussian marginal is exact."""
+    dX = new.K.shape[2]
+    dU = new.K.shape[1]
+
+    def one(mu, sigma, K, k, cov, Kp, kp, covp):
+        Lp = cholesky(covp, lower=True)
+        Pp = cho_solve((Lp, True), jnp.eye(dU))
+        dK, dm = K - Kp, (K - Kp) @ mu[:dX] + k - kp
+        logdet = lambda L: 2 * jnp.sum(jnp.log(jnp.diag(L)))  # noqa: E731
+        quad = dm @ Pp @ dm + jnp.trace(dK.T @ Pp @ dK @ sigma[:dX, :dX])
+        return 0.5 * (jnp.trace(Pp @ cov) - dU + logdet(Lp) - logdet(cholesky(cov, lower=True)) + quad)
+
+    return jnp.maximum(jax.vmap(one)(mu, sigma, *new, *prev).sum(), 0.0)
+
+
+def estimate_cost(ctrl: LinearGaussian, dyn: Dynamics, cost: QuadCost):
+    """Expected cost of the controller under the fitted dynamics and the
+    quadratic cost (the 'Laplace' estimate of cbfinn/gps)."""
+    mu, sigma = lqg_forward(ctrl, dyn)
+    return jnp.sum(cost.c0 + 0.5 * jnp.einsum("tij,tij->t", sigma, cost.C)
+                   + 0.5 * jnp.einsum("ti,tij,tj->t", mu, cost.C, mu) + jnp.einsum("ti,ti->t", mu, cost.c))
+
+
+@jax.jit
+def c_step(prev: LinearGaussian, dyn: Dynamics, cost: QuadCost, eta0, kl_bound):
+    """[6] Find eta with KL(p_eta || prev) = kl_bound (within 10 %) by the
+    bracketing search of cbfinn/gps (geometric mean of the bracket, at most a
+    factor 10 per step, eta in [1e-8, 1e16], 50 iterations). A non-PD Q_uu
+    means eta is too small. Falls back to prev (KL 0) if nothing feasible."""
+
+    def body(s):
+        itr, eta, lo, hi, _, best, best_kl, best_eta = s
+        ctrl, ok = lqg_backward(eta, prev, dyn, cost)
+        kl = traj_kl(*lqg_forward(ctrl, dyn), ctrl, prev)
+        ok = ok & jnp.isfinite(kl) & jnp.all(jnp.isfinite(ctrl.K))
+        con = jnp.where(ok, kl - kl_bound, jnp.inf)
+        feasible = ok & (con < 0.1 * kl_bound)
+        best = jax.tree.map(lambda a, b: jnp.where(feasible, a, b), ctrl, best)
+        best_kl, best_eta = jnp.where(feasible, kl, best_kl), jnp.where(feasible, eta, best_eta)
+        too_small = con < 0  # KL below the bound: eta can decrease
+        hi, lo = jnp.where(too_small, eta, hi), jnp.where(too_small, lo, eta)
+        geo = jnp.sqrt(lo * hi)
+        new_eta = jnp.where(too_small, jnp.maximum(geo, 0.1 * hi), jnp.minimum(geo, 10.0 * lo))
+        done = (jnp.abs(con) < 0.1 * kl_bound) | (hi / lo < 1.0001) | (feasible & (itr >= 20))
+        return itr + 1, new_eta, lo, hi, done, best, best_kl, best_eta
+
+    dt = cost.C.dtype
+    init = (0, jnp.asarray(eta0, dt), jnp.asarray(1e-8, dt), jnp.asarray(1e16, dt), False, prev,
+            jnp.asarray(0.0, dt), jnp.asarray(1e16, dt))
+    s = jax.lax.while_loop(lambda s: (~s[4]) & (s[0] < 50), body, init)
+    return s[5], s[7], s[6]
+
+
+def new_step_mult(step_mult, predicted, actual, lo, hi):
+    """[5] Model the improvement as pred * m - (pred - actual) * m^2 in the
+    step multiplier m; its maximiser scales m by pred / (2 (pred - actual)),
+    clipped to [0.1, 5], then m to [lo, hi] (cbfinn/gps _set_new_mult)."""
+    mult = np.clip(predicted / (2.0 * np.maximum(1e-4, predicted - actual)), 0.1, 5.0)
+    return np.clip(mult * step_mult, lo, hi)
+
+
+# --------------------------------------------------------------------------
+# Global policy and the S-step
+# --------------------------------------------------------------------------
+class Policy(nn.Module):
+    hidden: tuple[int, ...]
+    act_dim: int
+
+    @nn.compact
+    def __call__(self, o):
+        for h in self.hidden:
+            o = nn.relu(nn.Dense(h)(o))
+        return nn.Dense(self.act_dim)(o)
+
+
+@partial(jax.jit, static_argnames=("steps", "batch_size"))
+def s_step(state: TrainState, key, obs, target_mu, target_prec, steps: int, batch_size: int):
+    """[7] Minimise the precision-weighted squared error
+        mean_j (pi_theta(o_j) - mu_j)^T S_j^-1 (pi_theta(o_j) - mu_j)
+    over all (condition, sample, time) points j: obs (P, dO) normalised,
+    target_mu (P, dU), target_prec (P, dU, dU). The weighting makes the policy
+    follow a controller where it is certain (small S) and ignore it where its
+    noise is large (Levine et al. 2016, Sec. 4; MDGPS Alg. 2 line 5)."""
+
+    def loss_fn(params, idx):
+        d = state.apply_fn(params, obs[idx]) - target_mu[idx]
+        return jnp.mean(jnp.einsum("bi,bij,bj->b", d, target_prec[idx], d))
+
+    def update(state, k):
+        idx = jax.random.randint(k, (batch_size,), 0, obs.shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, idx)
+        return state.apply_gradients(grads=grads), loss
+
+    state, losses = jax.lax.scan(update, state, jax.random.split(key, steps))
+    return state, losses[-100:].mean()
+
+
+# --------------------------------------------------------------------------
+# Real-environment sampling (the only Python loop: the env stands for the robot)
+# --------------------------------------------------------------------------
+def rollout(env, condition: int, T: int, act, seed: int):
+    """One trajectory from an exact reset; act(x, o, t) -> u. Records the
+    applied (clipped) action. Returns X (T, dX), U (T, dU), observations (T, dO)."""
+    obs, info = env.reset(seed=seed, options={"condition": condition})
+    low, high = env.action_space.low, env.action_space.high
+    xs, us, obses = [], [], []
+    for t in range(T):
+        x = info["state"]
+        u = np.clip(act(x, obs, t), low, high)
+        xs.append(x), us.append(u), obses.append(np.asarray(obs, np.float64))
+        obs, _, _, _, info = env.step(u.astype(env.action_space.dtype))
+    return np.stack(xs), np.stack(us), np.stack(obses)
+
+
+def controller_act(K, k, L, noise):
+    """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU))."""
+    return lambda x, o, t: K[t] @ x + k[t] + L[t] @ noise[t]
+
+
+def validate(args: Args):
+    if args.horizon < 2:
+        fail(f"--horizon must be at least 2, got {args.horizon}")
+    if args.num_samples < 2:
+        fail(f"--num-samples must be at least 2 (dynamics are fitted from samples), got {args.num_samples}")
+    if args.conditions < 1:
+        fail(f"--conditions must be at least 1, got {args.conditions}")
+    for name in ("init_var", "kl_step", "policy_lr"):
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.prior_samples < args.num_samples:
+        fail(f"--prior-samples ({args.prior_samples}) must be at least --num-samples ({args.num_samples})")
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    env = make_conditions_env(args.env_id)
+    if not isinstance(env.action_space, spaces.Box):
+        fail(f"GPS needs a continuous (Box) action space; '{args.env_id}' has {env.action_space}")
+    if args.conditions > env.num_train:
+        fail(f"--conditions {args.conditions} exceeds the {env.num_train} training conditions of '{args.env_id}'")
+    M, N, T = args.conditions, args.num_samples, args.horizon
+    iterations = args.total_timesteps // (M * N * T)
+    if iterations < 1:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one iteration ({M * N * T} steps)")
+    test_conds = list(range(env.num_train, len(getattr(env, "targets", getattr(env, "starts", [])))))
+    key = seed_everything(args.seed)
+    rng = np.random.default_rng(args.seed)
+    run = Run(args)
+    dX, dU = env.dim_state, env.action_space.shape[0]
+    dO = env.observation_space.shape[0]
+    cfg = tuple({"min_points": args.min_points_per_cluster, "max_clusters": args.max_clusters,
+                 "gmm_iters": args.gmm_iters}.items())
+    cost_fn, dist_fn = env.cost, jax.jit(jax.vmap(env.distance))
+    vmapM = lambda f: jax.jit(jax.vmap(f))  # noqa: E731  (over conditions)
+    quadratize = vmapM(partial(quadratize_cost, cost_fn))
+    fit_dyn = jax.vmap(partial(fit_dynamics, cfg_items=cfg))
+    fit_pol = jax.vmap(partial(fit_policy_linearization, cfg_items=cfg), in_axes=(0, 0, 0, 0, 0, 0, None))
+    c_step_M, est_M = jax.vmap(c_step), vmapM(estimate_cost)
+
+    # [0] Controllers, GMM buffers (the last S trajectories of each condition), global policy.
+    ctrl = jax.vmap(lambda _: init_controller(T, dX, dU, args.init_var))(jnp.arange(M))
+    S = args.prior_samples
+    buf = {"X": np.zeros((M, S, T, dX)), "U": np.zeros((M, S, T, dU)), "Ob": np.zeros((M, S, T, dO)),
+           "mask": np.zeros((M, S))}
+    policy = Policy(args.policy_hidden, dU)
+    key, k_init = jax.random.split(key)
+    pstate = TrainState.create(apply_fn=policy.apply, params=policy.init(k_init, jnp.zeros(dO)),
+                               tx=optax.adam(args.policy_lr))
+    o_mean, o_std, pol_var = np.zeros(dO), np.ones(dO), np.full(dU, args.init_var)
+    pi = jax.jit(lambda params, o: policy.apply(params, (o - o_mean) / o_std))
+    step_mult, eta = np.ones(M), np.ones(M)
+    prev = None
+    history = []
+    start = time.time()
+
+    def train_policy(pstate, key, X, Ob, ctrl):
+        """[7] S-step on this iteration's samples of all conditions."""
+        nonlocal o_mean, o_std, pol_var, pi
+        if prev is None:  # whiten the observations once, from the first data (as cbfinn/gps)
+            o_mean, o_std = Ob.reshape(-1, dO).mean(0), Ob.reshape(-1, dO).std(0) + 1e-3
+            pi = jax.jit(lambda params, o: policy.apply(params, (o - o_mean) / o_std))
+        X, ctrl = jnp.asarray(np.asarray(X), jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ctrl)
+        mu_t = jnp.einsum("mtux,mntx->mntu", ctrl.K, X) + ctrl.k[:, None]  # (M, N, T, dU)
+        prec = jnp.linalg.inv(ctrl.cov)  # (M, T, dU, dU)
+        prec = jnp.broadcast_to(prec[:, None], (M, N, T, dU, dU)).reshape(-1, dU, dU)
+        obs = ((Ob - o_mean) / o_std).reshape(-1, dO)
+        pstate, loss = s_step(pstate, key, jnp.asarray(obs, jnp.float32), mu_t.reshape(-1, dU), prec,
+                              args.policy_steps, args.policy_batch_size)
+        pol_var = 1.0 / np.diag(np.asarray(prec.mean(0)))  # cbfinn/gps: var = 1 / diag(mean precision)
+        return pstate, loss
+
+    for it in range(iterations):
+        t0 = time.time()
+        # [1] N samples per condition with the current controllers, exact resets.
+        X, U, Ob = (np.zeros((M, N, T, d)) for d in (dX, dU, dO))
+        Kn, kn, Ln = (np.asarray(a) for a in (ctrl.K, ctrl.k, np.linalg.cholesky(np.asarray(ctrl.cov))))
+        for m in range(M):
+            for n in range(N):
+                act = controller_act(Kn[m], kn[m], Ln[m], rng.standard_normal((T, dU)))
+                X[m, n], U[m, n], Ob[m, n] = rollout(env, m, T, act, seed=int(rng.integers(2**31)))
+        slot = [(it * N + n) % S for n in range(N)]
+        for name, arr in (("X", X), ("U", U), ("Ob", Ob)):
+            buf[name][:, slot] = arr
+        buf["mask"][:, slot] = 1.0
+        key, k_dyn, k_pol, k_s = jax.random.split(key, 4)
+        with jax.enable_x64(True):  # [2]-[6] in float64, as the reference: near-singular covariances
+            Xj, Uj = jnp.asarray(X), jnp.asarray(U)
+            bufj = {k: jnp.asarray(v) for k, v in buf.items()}
+            # [2] Quadratic cost along the samples; [3] dynamics with the GMM prior.
+            cost, costs = quadratize(Xj, Uj)  # costs (M, N, T)
+            dyn = fit_dyn(jax.random.split(k_dyn, M), bufj["X"], bufj["U"], bufj["mask"], Xj, Uj)
+        check_finite(it, dynamics_F=dyn.F, dynamics_cov=dyn.cov, cost_C=cost.C)
+
+        metrics = {}
+        pol_lin = None
+        if args.algorithm == "mdgps":
+            if prev is None:  # the policy first catches up with the initial controllers
+                pstate, _ = train_policy(pstate, k_s, Xj, Ob, ctrl)
+            # [4] Linearise the global policy around the samples.
+            pol_buf = np.asarray(pi(pstate.params, jnp.asarray(buf["Ob"], jnp.float32)), np.float64)
+            pol_mu = np.asarray(pi(pstate.params, jnp.asarray(Ob, jnp.float32)), np.float64)
+            with jax.enable_x64(True):
+                pol_lin = fit_pol(jax.random.split(k_pol, M), bufj["X"], jnp.asarray(pol_buf), bufj["mask"], Xj,
+                                  jnp.asarray(pol_mu), jnp.asarray(pol_var, jnp.float64))
+
+        # [5] Step size from predicted vs actual improvement of the controller
+        # that was constrained (lqr_flm) or of the policy linearisation (mdgps).
+        if prev is not None:
+            old, cur = (prev["ctrl"], ctrl) if args.algorithm == "lqr_flm" else (prev["pol_lin"], pol_lin)
+            with jax.enable_x64(True):
+                prev_obj = np.asarray(est_M(old, prev["dyn"], prev["cost"]))
+                predicted = prev_obj - np.asarray(est_M(cur, prev["dyn"], prev["cost"]))
+                actual = prev_obj - np.asarray(est_M(cur, dyn, cost))
+            step_mult = new_step_mult(step_mult, predicted, actual, args.min_step_mult, args.max_step_mult)
+            metrics.update({"predicted_improvement": predicted.mean(), "actual_improvement": actual.mean()})
+
+        # [6] C-step: KL-bounded LQG against the old controller or the policy linearisation.
+        anchor = ctrl if args.algorithm == "lqr_flm" else pol_lin
+        bound = args.kl_step * step_mult * T
+        with jax.enable_x64(True):
+            anchor = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), anchor)
+            new_ctrl, eta_new, kl = c_step_M(anchor, dyn, cost, jnp.asarray(eta), jnp.asarray(bound))
+        check_finite(it, controller_K=new_ctrl.K, controller_cov=new_ctrl.cov)
+        eta = np.asarray(eta_new)
+        prev = {"ctrl": ctrl, "dyn": dyn, "cost": cost, "pol_lin": pol_lin}
+
+        # [7] S-step with the new controllers' means on this iteration's samples.
+        if args.algorithm == "mdgps":
+            pstate, s_loss = train_policy(pstate, k_s, Xj, Ob, new_ctrl)
+            check_finite(it, policy_loss=s_loss)
+            metrics["policy_loss"] = s_loss
+        ctrl = new_ctrl
+
+        # [8] Evaluation: the samples' final distances (local controllers), and
+        # one deterministic run of the global policy per condition.
+        samples = (it + 1) * M * N * T
+        final = np.asarray(dist_fn(jnp.asarray(X[:, :, -1].reshape(-1, dX), jnp.float32)))
+        at_bound = np.isclose(np.abs(U), env.action_space.high, rtol=0, atol=1e-6)
+        metrics.update({"iteration": it + 1, "local/final_distance": final.mean(),
+                        "local/actions_at_bound": at_bound.mean(),
+                        "local/cost": float(np.asarray(costs).sum(-1).mean()), "kl": np.asarray(kl).mean(),
+                        "kl_bound": float(np.mean(bound)), "eta": eta.mean(), "step_mult": step_mult.mean(),
+                        "iteration_time": time.time() - t0})
+        if args.algorithm == "mdgps" and ((it + 1) % args.eval_interval == 0 or it + 1 == iterations):
+            for name, conds in (("train", range(M)), ("test", test_conds)):
+                if not conds:
+                    continue
+                act = lambda x, o, t, p=pstate.params: np.asarray(pi(p, jnp.asarray(o, jnp.float32)))  # noqa: E731
+                runs = [rollout(env, c, T, act, seed=args.seed) for c in conds]
+                xs = jnp.asarray(np.stack([r[0] for r in runs]), jnp.float32)
+                cs = jax.vmap(jax.vmap(cost_fn))(xs, jnp.asarray(np.stack([r[1] for r in runs]), jnp.float32),
+                                                 jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))
+                metrics[f"global/{name}_final_distance"] = float(np.asarray(dist_fn(xs[:, -1])).mean())
+                metrics[f"global/{name}_cost"] = float(cs.sum(-1).mean())
+        run.log(metrics, samples)
+        history.append({k: float(v) for k, v in metrics.items()} | {"samples": samples,
+                                                                     "time": time.time() - start})
+
+    if args.save_model:
+        save_checkpoint(run.dir / "model.msgpack", {"policy": pstate.params, "controllers": ctrl._asdict(),
+                                                    "obs_mean": o_mean, "obs_std": o_std})
+    if args.capture_video:
+        video_env = make_conditions_env(args.env_id, render_mode="rgb_array")
+        record_video(video_env, lambda o: np.asarray(pi(pstate.params, jnp.asarray(o, jnp.float32))),
+                     run.dir / "videos", episodes=1, seed=args.seed, max_steps=T)
+    run.close()
+    return {"history": history, "controllers": ctrl, "policy_params": pstate.params, "run_dir": run.dir}
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

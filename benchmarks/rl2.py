@@ -207,7 +207,7 @@ SETTINGS = {
                                                          total_timesteps=16_000_000,
                                                          eval_interval=1_600_000)),
     "mdp-10": ("RandomMDP-v0", 10, dict(hidden_size=64, meta_batch=128,
-                                        total_timesteps=3_840_000, eval_interval=384_000)),
+                                        total_timesteps=7_680_000, eval_interval=768_000)),
     "mdp-25": ("RandomMDP-v0", 25, dict(hidden_size=128, meta_batch=64,
                                         total_timesteps=8_000_000, eval_interval=800_000)),
     "mdp-50": ("RandomMDP-v0", 50, dict(hidden_size=128, meta_batch=64,
@@ -305,6 +305,30 @@ def headline(res: dict) -> list[dict]:
              "wall_seconds": round(res["train_wall_seconds"], 1)}]
 
 
+def markdown_tables() -> str:
+    """Tables of all saved settings, ours beside Duan et al.'s, for docs/rl2.md."""
+    from benchmarks.harness import load_results
+
+    out = []
+    for name in SETTINGS:
+        try:
+            res = load_results(f"rl2_{name}")
+        except FileNotFoundError:
+            continue
+        duan = res["duan"] or {}
+        out.append(f"**{name}** ({res['env_id']}, n = {res['n']}; RL²: {res['seeds']} seeds, "
+                   f"{res['train_wall_seconds']:.0f} s of training per seed; all scored on the same "
+                   f"{res['table']['random']['over']})\n")
+        out.append("| algorithm | ours: total reward per trial | Duan et al. |")
+        out.append("|---|---|---|")
+        for algo, row in res["table"].items():
+            out.append(f"| {algo} | {row['mean']:.2f} ± {row['stderr']:.2f} | {duan.get(algo, '-')} |")
+        if res.get("tuned_baselines"):
+            out.append(f"\ntuned on separate tasks: {res['tuned_baselines']}")
+        out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=["bandit-5-10", "mdp-10", "bandit-10-100"],
@@ -312,7 +336,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-trials", type=int, default=2000)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the training steps")
+    parser.add_argument("--report", action="store_true", help="only print the markdown tables of saved results")
     a = parser.parse_args()
+    if a.report:
+        print(markdown_tables())
+        return
     for name in a.settings:
         res = run_setting(name, a.seeds, a.eval_trials, a.scale)
         for algo, row in res["table"].items():

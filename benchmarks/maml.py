@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import maml  # noqa: E402
-from benchmarks.harness import mean_and_stderr, save_figure, save_results  # noqa: E402
+from benchmarks.harness import load_results, mean_and_stderr, save_figure, save_results  # noqa: E402
 
 
 def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: int, estimator: str,
@@ -66,26 +66,47 @@ def main():
     parser.add_argument("--meta-batch", type=int, default=20)
     parser.add_argument("--test-tasks", type=int, default=40)
     parser.add_argument("--estimator", default="maml", choices=["maml", "promp"])
+    parser.add_argument("--replot", action="store_true", help="redraw the plot from the saved JSON")
     a = parser.parse_args()
+    if a.replot:
+        tag = a.env_id.split("-")[0].lower() + ("_promp" if a.estimator == "promp" else "")
+        record = load_results(f"maml_{tag}")
+        return save_figure(plot(record["curves"], a.env_id, record["seeds"], record["test_tasks"]), f"maml_{tag}")
     run(a.env_id, a.seeds, a.iterations, a.meta_batch, a.test_tasks, a.estimator,
         on_seed=lambda curves, walls: report(a, curves, walls))
 
 
+def plot(table, env_id, seeds, test_tasks, floor=-100.0):
+    """Adaptation curves; points below `floor` (a diverged adaptation) are
+    drawn on the floor with their value written next to them."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    steps = np.arange(4)
+    for name, row in table.items():
+        mean, se = np.array(row["mean"], float), np.array(row["stderr"], float)
+        shown = np.where(np.isfinite(mean), np.maximum(mean, floor), floor)
+        (line,) = ax.plot(steps, shown, marker="o", label=name)
+        ax.fill_between(steps, np.maximum(mean - se, floor), np.maximum(mean + se, floor), color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+        for x, m in zip(steps, mean, strict=True):
+            if not np.isfinite(m) or m < floor:
+                ax.annotate(f"{m:.0f}" if np.isfinite(m) else "diverged (NaN)", (x, floor), textcoords="offset points",
+                            xytext=(4, 6), fontsize=7, color=line.get_color())
+    ax.set(xlabel="number of gradient steps", ylabel="average return", xticks=steps, ylim=(floor - 3, 0),
+           title=f"MAML meta-test, {env_id} ({seeds} seeds, {test_tasks} new tasks)")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def report(a, curves, walls):
     seeds = len(curves["MAML"])
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    steps = np.arange(4)
     table = {}
     for name, c in curves.items():
         mean, se = mean_and_stderr(c) if len(c) > 1 else (c[0], np.zeros(4))
-        ax.errorbar(steps, mean, yerr=se, marker="o", capsize=3, label=name)
         table[name] = {"mean": np.round(mean, 2).tolist(), "stderr": np.round(se, 2).tolist(),
                        "per_seed": c.round(2).tolist()}
         print(f"{name:12s} " + "  ".join(f"{m:8.2f} +- {s:5.2f}" for m, s in zip(mean, se, strict=True)))
-    ax.set(xlabel="number of gradient steps", ylabel="average return", xticks=steps,
-           title=f"MAML meta-test, {a.env_id} ({seeds} seeds, {a.test_tasks} new tasks)")
-    ax.legend()
     tag = a.env_id.split("-")[0].lower() + ("_promp" if a.estimator == "promp" else "")
+    fig = plot(table, a.env_id, seeds, a.test_tasks)
     save_figure(fig, f"maml_{tag}")
     plt.close(fig)
     save_results(f"maml_{tag}", {

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from algos.rl2 import Args, config_from_args, gae, init_carry, main, make_network, rollout_trial, unroll
-from benchmarks.rl2 import mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
+from benchmarks.rl2 import bandit_trial, mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
 from common.experiment import load_checkpoint
-from common.jax_envs import MDPParams, RandomMDP
+from common.jax_envs import BernoulliBandit, MDPParams, RandomMDP
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
@@ -166,9 +166,16 @@ def test_rl2_learns_two_armed_bandits(tmp_path, monkeypatch):
                 learning_rate=3e-3, seed=0)
     out = main(args)
     final = out["evals"][-1, 0].sum(-1)  # (trials,) total reward per trial
-    # random play earns 5.0 per trial in expectation (means uniform in [0, 1]);
-    # the Bayes-optimal policy about 6.6 (E[max of 2 uniforms] = 2/3 per pull)
-    assert final.mean() > 5.0 + 1.0, final.mean()
+    # Random play earns 5.0 per trial in expectation (means uniform in [0, 1]);
+    # the greedy posterior-mean policy about 6.0 and knowing the best arm 6.67,
+    # so 5.8 asks for most of what can be had.
+    assert final.mean() > 5.0 + 0.8, final.mean()
+    # It must also beat Thompson sampling (about 5.7 here: it explores too much
+    # for n = 10), computed on 2000 other tasks.
+    tasks = BernoulliBandit(2).sample_tasks(jax.random.PRNGKey(3), 2000)
+    ts = jax.vmap(lambda m, k: bandit_trial(thompson_choice, m, 10, k))(
+        tasks.means, jax.random.split(jax.random.PRNGKey(4), 2000))
+    assert final.mean() > float(ts.mean()) + 0.1, (final.mean(), float(ts.mean()))
     assert out["evals"][0, 0].sum(-1).mean() < 5.4  # the untrained policy is about random
 
 

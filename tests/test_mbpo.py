@@ -169,15 +169,20 @@ LEARN_STEPS = 4000
 
 
 def run_cli(tmp_path, *flags):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
+    # XLA's cheapest compilation: the smoke run is mostly compile time, its compute
+    # is tiny (same numbers as the default flags here).
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1",
+               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
     return subprocess.run([sys.executable, "-m", "algos.mbpo", *flags], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
 def test_cli_smoke(tmp_path):
-    res = run_cli(tmp_path, "--total-timesteps", "600", "--random-steps", "300", "--eval-interval", "300",
-                  "--eval-episodes", "1", "--rollout-batch-size", "500", "--model-max-epochs", "2", "--hidden", "32",
-                  "--model-hidden", "32", "--num-updates", "2", "--save-model")
+    # Tiny: one model fit (step 551), 50 learning steps, 2-member 1-layer model.
+    res = run_cli(tmp_path, "--total-timesteps", "600", "--random-steps", "550", "--eval-interval", "300",
+                  "--eval-episodes", "1", "--rollout-batch-size", "250", "--model-max-epochs", "1", "--hidden", "16",
+                  "--model-hidden", "16", "--model-layers", "1", "--ensemble-size", "2", "--num-elites", "1",
+                  "--num-updates", "1", "--batch-size", "32", "--save-model")
     assert res.returncode == 0, res.stderr[-2000:]
     run_dir = next((tmp_path / "runs").iterdir())
     rows = [__import__("json").loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

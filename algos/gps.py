@@ -90,7 +90,7 @@ class Args(CommonArgs):
     """T, steps per trajectory (Reacher-v5 episodes are 50 steps)"""
     num_samples: int = 5
     """N, trajectories per condition per iteration (cbfinn/gps: 5)"""
-    init_var: float = 0.01
+    init_var: float = 0.003
     """variance of the initial controllers' Gaussian noise (zero gains); Reacher's torques are strong (gear 200)"""
     kl_step: float = 1.0
     """base KL step epsilon per time step; the bound is kl_step * step_mult * T (cbfinn/gps: 1.0)"""
@@ -616,6 +616,7 @@ def main(args: Args) -> dict:
         final = np.asarray(dist_fn(jnp.asarray(X[:, :, -1].reshape(-1, dX), jnp.float32)))
         at_bound = np.isclose(np.abs(U), env.action_space.high, rtol=0, atol=1e-6)
         metrics.update({"iteration": it + 1, "local/final_distance": final.mean(),
+                        "local/final_distance_per_condition": final.reshape(M, N).mean(1).round(4),
                         "local/actions_at_bound": at_bound.mean(),
                         "local/cost": float(np.asarray(costs).sum(-1).mean()), "kl": np.asarray(kl).mean(),
                         "kl_bound": float(np.mean(bound)), "eta": eta.mean(), "step_mult": step_mult.mean(),
@@ -632,7 +633,7 @@ def main(args: Args) -> dict:
                 metrics[f"global/{name}_final_distance"] = float(np.asarray(dist_fn(xs[:, -1])).mean())
                 metrics[f"global/{name}_cost"] = float(cs.sum(-1).mean())
         run.log(metrics, samples)
-        history.append({k: float(v) for k, v in metrics.items()} | {"samples": samples,
+        history.append({k: np.asarray(v).tolist() for k, v in metrics.items()} | {"samples": samples,
                                                                      "time": time.time() - start})
 
     if args.save_model:

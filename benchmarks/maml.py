@@ -31,8 +31,9 @@ from benchmarks.harness import load_results, mean_and_stderr, save_figure, save_
 
 
 def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: int, estimator: str,
-        on_seed=None):
-    base = maml.Args(env_id=env_id, meta_batch=meta_batch, eval_episodes=test_tasks, estimator=estimator)
+        on_seed=None, trajectories: int = 20):
+    base = maml.Args(env_id=env_id, meta_batch=meta_batch, eval_episodes=test_tasks, estimator=estimator,
+                     trajectories_per_task=trajectories)
     env, cfg, policy, _, test_cfg, test_phases = maml.setup(base)
     tasks = env.sample_tasks(jax.random.PRNGKey(12345), test_tasks)  # the same new tasks for everyone
     per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon
@@ -41,6 +42,7 @@ def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: i
     for seed in range(1, seeds + 1):
         for name, inner in (("MAML", 1), ("pretrained", 0)):
             args = maml.Args(env_id=env_id, seed=seed, meta_batch=meta_batch, eval_episodes=test_tasks,
+                             trajectories_per_task=trajectories,
                              inner_steps=inner, estimator=estimator if inner else "maml",
                              total_timesteps=iterations * per_iter * (inner + 1),
                              eval_interval=iterations * per_iter * (inner + 1), exp_name=f"bench_{name}")
@@ -66,6 +68,7 @@ def main():
     parser.add_argument("--meta-batch", type=int, default=20)
     parser.add_argument("--test-tasks", type=int, default=40)
     parser.add_argument("--estimator", default="maml", choices=["maml", "promp"])
+    parser.add_argument("--trajectories", type=int, default=20, help="trajectories per task and step")
     parser.add_argument("--replot", action="store_true", help="redraw the plot from the saved JSON")
     a = parser.parse_args()
     if a.replot:
@@ -73,7 +76,7 @@ def main():
         record = load_results(f"maml_{tag}")
         return save_figure(plot(record["curves"], a.env_id, record["seeds"], record["test_tasks"]), f"maml_{tag}")
     run(a.env_id, a.seeds, a.iterations, a.meta_batch, a.test_tasks, a.estimator,
-        on_seed=lambda curves, walls: report(a, curves, walls))
+        on_seed=lambda curves, walls: report(a, curves, walls), trajectories=a.trajectories)
 
 
 def plot(table, env_id, seeds, test_tasks, floor=-100.0):
@@ -111,6 +114,7 @@ def report(a, curves, walls):
     plt.close(fig)
     save_results(f"maml_{tag}", {
         "env_id": a.env_id, "iterations": a.iterations, "meta_batch": a.meta_batch, "seeds": seeds,
+        "trajectories_per_task": a.trajectories,
         "test_tasks": a.test_tasks, "estimator": a.estimator, "curves": table,
         "wall_seconds": {k: np.round(v, 1).tolist() for k, v in walls.items()},
         "headline": [{

@@ -312,6 +312,38 @@ def window_load(loads, span):
     return sum(inside) / len(inside) if inside else None
 
 
+def summarize(result: dict) -> list[dict]:
+    """Ratios (per 1000 env steps: wall and process CPU seconds) into `result`, and
+    its headline row."""
+    o, m = result["ours_seconds_per_1000_steps"], result["mbrl_seconds_per_1000_steps"]
+    ratio = m["window_seconds"] / o["window_seconds"]
+    cpu_ratio = m["window_cpu_seconds"] / o["window_cpu_seconds"]
+    result["speedup"], result["speedup_cpu_seconds"] = ratio, cpu_ratio
+    loads = [v for v in (result.get("load_average_1min_during_window") or {}).values() if v is not None]
+    loads = loads or [r[1] for r in result["load_average_samples"]]
+    variant = "" if result.get("sac_hidden", 512) == 512 else f" but SAC 2x{result['sac_hidden']}"
+    print(f"speedup: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU seconds", flush=True)
+    return [{"algorithm": "MBPO",
+             "setting": f"HalfCheetah-v4, mbrl-lib's mbpo_halfcheetah config{variant}, {result['threads']} thread "
+                        f"each, run side by side (2-core CPU, 1-min load avg {sum(loads) / len(loads):.1f}); ours "
+                        f"{ratio:.2f}x faster in wall time, {cpu_ratio:.2f}x in process CPU seconds",
+             "metric": "seconds per 1000 env steps after learning starts",
+             "ours": round(o["window_seconds"], 1),
+             "reference": f"mbrl-lib 0.2.0: {m['window_seconds']:.1f} (ratio {ratio:.2f}x; CPU seconds "
+                          f"{m['window_cpu_seconds']:.1f} vs ours {o['window_cpu_seconds']:.1f}, {cpu_ratio:.2f}x)",
+             "seeds": 1, "wall_seconds": round(result["run_wall_seconds"])}]
+
+
+def resummarize() -> None:
+    """Recompute ratios and headline rows of the stored record (main and variants)."""
+    record = load_results("mbpo_speed")
+    record.pop("benchmark"), record.pop("machine")
+    headline = summarize(record)
+    for variant in record.get("variants", {}).values():
+        headline += summarize(variant)
+    save_results("mbpo_speed", {**record, "headline": headline})
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -323,7 +355,11 @@ def main():
     p.add_argument("--sac-hidden", type=int, default=512,
                    help="SAC width on both sides (512: mbrl-lib's config; any other value is stored as a variant "
                         "inside the existing mbpo_speed.json)")
+    p.add_argument("--resummarize", action="store_true",
+                   help="only recompute the ratios and headline rows of benchmarks/results/mbpo_speed.json")
     a = p.parse_args()
+    if a.resummarize:
+        return resummarize()
 
     loads, done = [], threading.Event()
 
@@ -403,26 +439,7 @@ def main():
         "load_average_1min_during_window": {
             name: window_load(loads, r["window_unix"]) for name, r in results.items() if "window_unix" in r},
     }
-    headline = []
-    variant = "" if a.sac_hidden == 512 else f" but SAC 2x{a.sac_hidden}"
-    if theirs:
-        ratio = result["mbrl_seconds_per_1000_steps"]["window_seconds"] / result["ours_seconds_per_1000_steps"][
-            "window_seconds"]
-        cpu_ratio = theirs["window_cpu_seconds"] / ours["window_cpu_seconds"]
-        result["speedup"], result["speedup_cpu_seconds"] = ratio, cpu_ratio
-        load = sum(r[1] for r in loads) / len(loads)
-        headline.append({"algorithm": "MBPO",
-                         "setting": f"HalfCheetah-v4, mbrl-lib's mbpo_halfcheetah config{variant}, "
-                                    f"{a.threads} thread each, "
-                                    f"run side by side (2-core CPU, 1-min load avg {load:.1f}); ours {ratio:.2f}x "
-                                    f"faster in wall time, {cpu_ratio:.2f}x in process CPU seconds",
-                         "metric": "seconds per 1000 env steps after learning starts",
-                         "ours": round(result["ours_seconds_per_1000_steps"]["window_seconds"], 1),
-                         "reference": f"mbrl-lib 0.2.0: "
-                                      f"{result['mbrl_seconds_per_1000_steps']['window_seconds']:.1f} "
-                                      f"(ratio {ratio:.2f}x; CPU seconds {cpu_ratio:.2f}x)",
-                         "seeds": 1, "wall_seconds": round(result["run_wall_seconds"])})
-        print(f"speedup: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU seconds", flush=True)
+    headline = summarize(result) if theirs else []
     if a.sac_hidden == 512:  # the main record; variants already stored are kept
         old = load_results("mbpo_speed") if (RESULTS / "mbpo_speed.json").exists() else {}
         extra = {"variants": old["variants"]} if "variants" in old else {}

@@ -70,13 +70,50 @@ def main():
     parser.add_argument("--estimator", default="maml", choices=["maml", "promp"])
     parser.add_argument("--trajectories", type=int, default=20, help="trajectories per task and step")
     parser.add_argument("--replot", action="store_true", help="redraw the plot from the saved JSON")
+    parser.add_argument("--baseline-lrs", type=float, nargs="+",
+                        help="only the baselines: meta-test the pretrained and random-init policies with each of "
+                             "these first-step sizes (then half), to give them a tuned step size")
     a = parser.parse_args()
+    if a.baseline_lrs:
+        return baselines_with_step_sizes(a)
     if a.replot:
         tag = a.env_id.split("-")[0].lower() + ("_promp" if a.estimator == "promp" else "")
         record = load_results(f"maml_{tag}")
         return save_figure(plot(record["curves"], a.env_id, record["seeds"], record["test_tasks"]), f"maml_{tag}")
     run(a.env_id, a.seeds, a.iterations, a.meta_batch, a.test_tasks, a.estimator,
         on_seed=lambda curves, walls: report(a, curves, walls), trajectories=a.trajectories)
+
+
+def baselines_with_step_sizes(a):
+    """The baselines of `run`, meta-tested with several step sizes (same tasks and keys)."""
+    base = maml.Args(env_id=a.env_id, meta_batch=a.meta_batch, eval_episodes=a.test_tasks,
+                     trajectories_per_task=a.trajectories)
+    env, cfg, policy, _, test_cfg, test_phases = maml.setup(base)
+    tasks = env.sample_tasks(jax.random.PRNGKey(12345), a.test_tasks)
+    per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon
+    curves = {f"{name}, alpha {lr}": [] for name in ("pretrained", "random init") for lr in a.baseline_lrs}
+    for seed in range(1, a.seeds + 1):
+        args = maml.Args(env_id=a.env_id, seed=seed, meta_batch=a.meta_batch, eval_episodes=a.test_tasks,
+                         trajectories_per_task=a.trajectories, inner_steps=0, exp_name="bench_pretrained",
+                         total_timesteps=a.iterations * per_iter, eval_interval=a.iterations * per_iter)
+        thetas = {"pretrained": maml.main(args)["theta"],
+                  "random init": policy.init(jax.random.PRNGKey(seed), jnp.zeros(cfg.obs_dim))}
+        for name, theta in thetas.items():
+            for lr in a.baseline_lrs:
+                curve = maml.meta_test(theta, tasks, jax.random.PRNGKey(seed), test_phases,
+                                       test_cfg._replace(inner_lr=lr), 3)
+                curves[f"{name}, alpha {lr}"].append(curve)
+                print(f"seed {seed} {name} alpha {lr}: {np.round(curve, 2)}", flush=True)
+    table = {}
+    for name, c in curves.items():
+        mean, se = mean_and_stderr(np.array(c)) if len(c) > 1 else (np.array(c[0]), np.zeros(4))
+        table[name] = {"mean": np.round(mean, 2).tolist(), "stderr": np.round(se, 2).tolist(),
+                       "per_seed": np.round(c, 2).tolist()}
+        print(f"{name:24s} " + "  ".join(f"{m:8.2f} +- {s:5.2f}" for m, s in zip(mean, se, strict=True)))
+    tag = a.env_id.split("-")[0].lower()
+    save_results(f"maml_{tag}_baseline_step_sizes", {
+        "env_id": a.env_id, "iterations": a.iterations, "meta_batch": a.meta_batch, "seeds": a.seeds,
+        "test_tasks": a.test_tasks, "trajectories_per_task": a.trajectories, "curves": table})
 
 
 def plot(table, env_id, seeds, test_tasks, floor=-100.0):

@@ -298,9 +298,10 @@ def dyna_step(carry: Carry, n, env, task_at, cfg: Config):
     # [6] planning
     agent = plan(agent, k_plan, n, t + 1, cfg)
     # [1] next state: back to the start after a terminal state
-    reset_state = env.initial(k_reset, task_at(t + 1))
+    next_params = task_at(t + 1)  # the maze the next episode starts in
+    reset_state = env.initial(k_reset, next_params)
     next_env_state = jnp.where(terminal, reset_state, next_env_state)
-    s_next = jnp.where(terminal, env.observation(reset_state, k_reset, params), s_next)
+    s_next = jnp.where(terminal, env.observation(reset_state, k_reset, next_params), s_next)
     return Carry(agent, next_env_state, s_next, t + 1, episodes + terminal, key), (r, terminal)
 
 

@@ -77,13 +77,17 @@ REWARD_FUNCTIONS = {
 }
 
 
+def _lookup(table: dict, env_id: str, what: str):
+    """table[env_id], or a one-line error naming the env ids that have one."""
+    check_env_id(env_id)
+    if env_id not in table:
+        fail(f"no {what} for '{env_id}' in common/envs.py; available: {', '.join(table)}")
+    return table[env_id]
+
+
 def reward_function(env_id: str):
     """The differentiable reward of `env_id`, or a one-line error naming those known."""
-    check_env_id(env_id)
-    if env_id not in REWARD_FUNCTIONS:
-        fail(f"no differentiable reward function for '{env_id}' in common/envs.py; "
-             f"available: {', '.join(REWARD_FUNCTIONS)}")
-    return REWARD_FUNCTIONS[env_id]
+    return _lookup(REWARD_FUNCTIONS, env_id, "differentiable reward function")
 
 
 # --------------------------------------------------------------------------
@@ -166,11 +170,7 @@ TRUNCATED_OBS_KWARGS = {
 
 def termination_function(env_id: str):
     """The JAX termination function of `env_id`, or a one-line error naming those known."""
-    check_env_id(env_id)
-    if env_id not in TERMINATION_FUNCTIONS:
-        fail(f"no termination function for '{env_id}' in common/envs.py; "
-             f"available: {', '.join(TERMINATION_FUNCTIONS)}")
-    return TERMINATION_FUNCTIONS[env_id]
+    return _lookup(TERMINATION_FUNCTIONS, env_id, "termination function")
 
 
 # --------------------------------------------------------------------------
@@ -420,8 +420,5 @@ GPS_CONDITIONS = {"Reacher-v5": ReacherConditions, "PointMass-v0": PointMassCond
 def make_conditions_env(env_id: str, render_mode: str | None = None) -> gym.Wrapper:
     """The conditions env of `env_id` (exact state reset per condition), or a
     one-line error for an env without one."""
-    check_env_id(env_id)
-    if env_id not in GPS_CONDITIONS:
-        fail(f"env '{env_id}' has no exact state reset for GPS conditions in common/envs.py; "
-             f"available: {', '.join(GPS_CONDITIONS)}")
-    return GPS_CONDITIONS[env_id](gym.make(env_id, render_mode=render_mode))
+    conditions = _lookup(GPS_CONDITIONS, env_id, "exact state reset (GPS conditions)")
+    return conditions(gym.make(env_id, render_mode=render_mode))

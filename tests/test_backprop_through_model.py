@@ -8,11 +8,7 @@ smoke test, bad-input errors, and "it learns" on Pendulum-v1.
 """
 
 import json
-import os
-import subprocess
-import sys
 from functools import partial
-from pathlib import Path
 
 import gymnasium as gym
 import jax
@@ -20,12 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from cli import run_algo
 from flax.training.train_state import TrainState
 
 from algos import backprop_through_model as btm
 from common.envs import pendulum_reward, reacher_reward, reward_function
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------
@@ -181,10 +176,7 @@ def test_model_fit_learns_linear_dynamics():
 # Command line
 # ----------------------------------------------------------------------------
 def run_cli(tmp_path, *flags):
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "algos.backprop_through_model", *flags],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    return run_algo("backprop_through_model", *flags, cwd=tmp_path)
 
 
 TINY = ["--total-timesteps", "300", "--random-steps", "100", "--eval-interval", "100",

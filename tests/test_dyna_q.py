@@ -1,14 +1,11 @@
 """Dyna-Q: the pure functions, the book's results, and the command line."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_algo
 from flax import serialization
 
 from algos import dyna_q as dq
@@ -20,8 +17,6 @@ from common.jax_envs import (
     Maze,
     tabular_model,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(**overrides):
@@ -181,9 +176,7 @@ def test_expected_updates_converge_to_value_iteration_on_the_slippery_maze():
 
 # ------------------------------------------------------------ command line
 def cli(*flags, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "algos.dyna_q", *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_algo("dyna_q", *flags, cwd=cwd)
 
 
 def test_cli_smoke_writes_metrics_checkpoint_and_video(tmp_path):

@@ -9,20 +9,15 @@ bad-input errors.
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_algo
 
 from algos import gps
 from common.envs import make_conditions_env
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -293,9 +288,7 @@ def test_it_learns_point_mass_lqr_flm(tmp_path, monkeypatch):
 # Command line
 # ----------------------------------------------------------------------------
 def run_cli(tmp_path, *flags):
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "algos.gps", *flags], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_algo("gps", *flags, cwd=tmp_path)
 
 
 TINY = ["--env-id", "PointMass-v0", "--horizon", "8", "--num-samples", "2", "--conditions", "2",

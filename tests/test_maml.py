@@ -1,19 +1,14 @@
 """MAML: the meta-gradient, TRPO's pieces, the baseline, and "it learns"."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_algo
 from jax.flatten_util import ravel_pytree
 
 from algos import maml
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
@@ -180,9 +175,7 @@ def test_it_learns_to_adapt_on_point_navigation():
 
 
 def cli(*flags, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "algos.maml", *flags], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_algo("maml", *flags, cwd=cwd)
 
 
 def test_cli_smoke_and_bad_inputs(tmp_path):

@@ -2,22 +2,17 @@
 methods it adds (common/buffers.py): math, parity with the real envs, rollouts,
 "it learns", CLI."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import run_algo
 
 from algos import mbpo
 from common import ensembles as ens
 from common.buffers import ReplayBuffer
 from common.envs import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, make_env
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # A state that is certainly unhealthy, pushed into the sim when random actions
 # rarely end an episode: (qpos index, value).
@@ -171,10 +166,8 @@ LEARN_STEPS = 4000
 def run_cli(tmp_path, *flags):
     # XLA's cheapest compilation: the smoke run is mostly compile time, its compute
     # is tiny (same numbers as the default flags here).
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1",
-               XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-    return subprocess.run([sys.executable, "-m", "algos.mbpo", *flags], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return run_algo("mbpo", *flags, cwd=tmp_path,
+                    XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 
 def test_cli_smoke(tmp_path):

@@ -1,21 +1,17 @@
 """Tests of RL² (algos/rl2.py) and its benchmark baselines (benchmarks/rl2.py)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli import ROOT, run_algo
 
 from algos.rl2 import Args, config_from_args, gae, init_carry, main, make_network, rollout_trial, unroll
 from benchmarks.rl2 import bandit_trial, mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
 from common.experiment import load_checkpoint
 from common.jax_envs import BernoulliBandit, MDPParams, RandomMDP
-
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 
 def tiny_config(env, **kw):
@@ -193,13 +189,11 @@ def test_point_navigation_runs_with_gaussian_policy(tmp_path, monkeypatch):
 
 
 def test_cli_smoke(tmp_path):
-    cmd = [sys.executable, "-m", "algos.rl2", "--env-id", "RandomMDP-v0", "--episodes-per-trial", "2",
-           "--hidden-size", "8", "--meta-batch", "4", "--num-minibatches", "2", "--update-epochs", "1",
-           "--total-timesteps", "160", "--eval-interval", "80", "--eval-episodes", "3", "--num-seeds", "2",
-           "--save-model"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**ENV, "PYTHONPATH": root})
+    flags = ["--env-id", "RandomMDP-v0", "--episodes-per-trial", "2",
+             "--hidden-size", "8", "--meta-batch", "4", "--num-minibatches", "2", "--update-epochs", "1",
+             "--total-timesteps", "160", "--eval-interval", "80", "--eval-episodes", "3", "--num-seeds", "2",
+             "--save-model"]
+    res = run_algo("rl2", *flags, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -219,9 +213,7 @@ def test_cli_smoke(tmp_path):
     (["--total-timesteps", "10"], "less than one PPO iteration"),
 ])
 def test_bad_input_gives_one_line_error(flags, message):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "algos.rl2", *flags], cwd=root, capture_output=True,
-                         text=True, timeout=120, env=ENV)
+    res = run_algo("rl2", *flags, cwd=ROOT, timeout=120)
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr

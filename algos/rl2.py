@@ -103,7 +103,7 @@ class Args(CommonArgs):
     clip_coef: float = 0.2
     """PPO ratio clipping epsilon"""
     ent_coef: float = 0.0
-    """entropy bonus coefficient"""
+    """entropy bonus coefficient (at the start of training, see --anneal)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 1.0
@@ -112,6 +112,10 @@ class Args(CommonArgs):
     """PPO epochs over each batch of trials"""
     num_minibatches: int = 4
     """minibatches of whole trials per epoch"""
+    anneal: bool = False
+    """decay the learning rate and the entropy coefficient linearly to 0 over training"""
+    time_input: bool = False
+    """also give the GRU the step within the episode, t_ep / H (not in Duan et al.'s inputs)"""
     eval_greedy: bool = False
     """evaluate the most likely action instead of sampling (the policy's own
     randomness is part of the exploration it learnt, so the default samples)"""
@@ -137,6 +141,8 @@ class Config(NamedTuple):
     max_grad_norm: float
     update_epochs: int
     num_minibatches: int
+    anneal: bool
+    time_input: bool
     updates_per_eval: int
     num_evals: int
     eval_trials: int
@@ -148,8 +154,12 @@ class Config(NamedTuple):
         return self.episodes_per_trial * self.horizon
 
     @property
-    def input_dim(self) -> int:  # obs, previous action, previous reward, done flag
-        return self.obs_dim + self.action_dim + 2
+    def input_dim(self) -> int:  # obs, previous action, previous reward, done flag (, time)
+        return self.obs_dim + self.action_dim + 2 + int(self.time_input)
+
+    @property
+    def total_grad_steps(self) -> int:  # Adam steps over the whole training
+        return self.num_evals * self.updates_per_eval * self.update_epochs * self.num_minibatches
 
 
 # ----------------------------------------------------------------------------
@@ -209,15 +219,19 @@ def encode_action(action, cfg: Config) -> jax.Array:
     return jax.nn.one_hot(action, cfg.action_dim) if cfg.discrete_action else jnp.asarray(action, jnp.float32)
 
 
-def encode_input(obs, prev_action, prev_reward, prev_done, cfg: Config) -> jax.Array:
+def encode_input(obs, prev_action, prev_reward, prev_done, cfg: Config, t_ep=0) -> jax.Array:
     """x_t = (obs_t, a_{t-1}, r_{t-1}, d_{t-1}) as one vector (input_dim,) (Duan Sec. 2.2).
 
     `prev_action` is already encoded (`encode_action`; zeros at the start of a
     trial, when there is no previous action). Discrete observations are
     one-hot. d_{t-1} = 1 says "obs_t is the first observation of a new episode
-    of the same task": the network must not forget, but may re-plan."""
+    of the same task": the network must not forget, but may re-plan. With
+    `cfg.time_input`, t_ep / H (t_ep the step within the episode) is appended:
+    the steps left matter to a finite-horizon plan, and the GRU would
+    otherwise have to count them itself."""
     o = jax.nn.one_hot(obs, cfg.obs_dim) if cfg.discrete_obs else jnp.reshape(obs, (cfg.obs_dim,))
-    return jnp.concatenate([o, prev_action, jnp.stack([prev_reward, prev_done]).astype(jnp.float32)])
+    extra = [prev_reward, prev_done] + ([jnp.asarray(t_ep) / cfg.horizon] if cfg.time_input else [])
+    return jnp.concatenate([o, prev_action, jnp.stack(extra).astype(jnp.float32)])
 
 
 def distribution(out, cfg: Config):
@@ -250,7 +264,7 @@ def rollout_trial(params, env, task, key, cfg: Config, greedy: bool = False,
     def step(carry, t):
         state, obs, h, prev_a, prev_r, prev_d, key = carry
         key, k_act, k_env, k_reset = jax.random.split(key, 4)
-        x = encode_input(obs, prev_a, prev_r, prev_d, cfg)
+        x = encode_input(obs, prev_a, prev_r, prev_d, cfg, t % cfg.horizon)
         h_next, out, value = net.apply(params, h, x)
         log_prob, _, sample, mode = distribution(out, cfg)
         a = mode if greedy else sample(k_act)
@@ -304,7 +318,7 @@ def unroll(params, x, cfg: Config):
     return jnp.swapaxes(out, 0, 1), jnp.swapaxes(values, 0, 1)
 
 
-def ppo_loss(params, batch: Trajectory, adv, returns, cfg: Config):
+def ppo_loss(params, batch: Trajectory, adv, returns, cfg: Config, ent_coef=None):
     """[4] PPO clipped surrogate + value regression - entropy bonus, on whole trials.
 
     The gradient flows through the GRU over all T steps of each trial
@@ -318,10 +332,19 @@ def ppo_loss(params, batch: Trajectory, adv, returns, cfg: Config):
     pg_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * adv).mean()
     v_loss = 0.5 * ((values - returns) ** 2).mean()
     ent = entropy.mean()
-    loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+    ent_coef = cfg.ent_coef if ent_coef is None else ent_coef
+    loss = pg_loss + cfg.vf_coef * v_loss - ent_coef * ent
     approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance KL estimator
     return loss, {"loss/policy": pg_loss, "loss/value": v_loss, "loss/entropy": ent,
                   "loss/approx_kl": approx_kl}
+
+
+def ent_coef_at(step, cfg: Config):
+    """The entropy coefficient at Adam step `step`: with --anneal it decays
+    linearly from ent_coef to 0 over training, like the step size (early on
+    the bonus keeps the policy from settling on an arm before it has learnt
+    to explore; at the end nothing pulls the policy away from the return)."""
+    return cfg.ent_coef * (1.0 - step / cfg.total_grad_steps) if cfg.anneal else cfg.ent_coef
 
 
 def ppo_iteration(carry: Carry, env, cfg: Config):
@@ -344,7 +367,7 @@ def ppo_iteration(carry: Carry, env, cfg: Config):
         def minibatch(ts, idx):
             take = lambda x: x[idx]
             grads, info = jax.grad(ppo_loss, has_aux=True)(
-                ts.params, jax.tree.map(take, traj), adv[idx], returns[idx], cfg)
+                ts.params, jax.tree.map(take, traj), adv[idx], returns[idx], cfg, ent_coef_at(ts.step, cfg))
             return ts.apply_gradients(grads=grads), info
 
         return jax.lax.scan(minibatch, ts, perm)
@@ -370,8 +393,10 @@ def init_carry(key, cfg: Config) -> Carry:
     # Two optimisers, one per network, each with its own gradient-norm clip: a
     # single global clip would let the value gradient (returns of 10-100 on
     # MDPs, so a large regression error early on) shrink the policy's step.
+    lr = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_grad_steps) if cfg.anneal else cfg.learning_rate
+
     def adam():
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.learning_rate, eps=1e-5))
+        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
 
     label = lambda p: {"params": {name: "value" if name.startswith("value") else "policy"
                                   for name in p["params"]}}
@@ -467,7 +492,8 @@ def config_from_args(args: Args, env) -> Config:
         meta_batch=args.meta_batch, hidden_size=args.hidden_size, learning_rate=args.learning_rate,
         gamma=args.gamma, gae_lambda=args.gae_lambda, clip_coef=args.clip_coef, ent_coef=args.ent_coef,
         vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, update_epochs=args.update_epochs,
-        num_minibatches=args.num_minibatches, updates_per_eval=updates_per_eval,
+        num_minibatches=args.num_minibatches, anneal=args.anneal, time_input=args.time_input,
+        updates_per_eval=updates_per_eval,
         num_evals=max(1, args.total_timesteps // (updates_per_eval * steps_per_update)),
         eval_trials=args.eval_episodes, eval_greedy=args.eval_greedy, num_seeds=args.num_seeds,
     )

@@ -7,16 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cli import ROOT, run_algo
+from jax.flatten_util import ravel_pytree
 
-from algos.rl2 import Args, config_from_args, gae, init_carry, main, make_network, rollout_trial, unroll
+from algos.rl2 import Args, config_from_args, ent_coef_at, gae, init_carry, main, make_network, rollout_trial, unroll
 from benchmarks.rl2 import bandit_trial, mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
 from common.experiment import load_checkpoint
 from common.jax_envs import BernoulliBandit, MDPParams, RandomMDP
 
 
 def tiny_config(env, **kw):
-    args = Args(hidden_size=16, meta_batch=8, num_minibatches=2, episodes_per_trial=3,
-                total_timesteps=10**6, eval_episodes=4, **kw)
+    args = Args(**{**dict(hidden_size=16, meta_batch=8, num_minibatches=2, episodes_per_trial=3,
+                          total_timesteps=10**6, eval_episodes=4), **kw})
     return config_from_args(args, env)
 
 
@@ -69,6 +70,39 @@ def test_hidden_state_persists_across_episodes_and_resets_between_trials():
     cut = jnp.concatenate([unroll(params, traj.x[None, i * H:(i + 1) * H], cfg)[1][0]
                            for i in range(cfg.episodes_per_trial)])
     assert np.abs(np.asarray(cut - traj.value))[H:].max() > 1e-4
+
+
+def test_time_input_is_the_step_within_the_episode():
+    env = RandomMDP()
+    cfg = tiny_config(env, time_input=True)
+    assert cfg.input_dim == tiny_config(env).input_dim + 1
+    params = init_carry(jax.random.PRNGKey(0), cfg).train_state.params
+    task = jax.tree.map(lambda x: x[0], env.sample_tasks(jax.random.PRNGKey(1), 1))
+    traj = rollout_trial(params, env, task, jax.random.PRNGKey(2), cfg)
+    # the last input is t_ep / H: 0, 0.1, ..., 0.9, then 0 again at each new episode
+    expected = (np.arange(cfg.trial_len) % cfg.horizon) / cfg.horizon
+    np.testing.assert_allclose(np.asarray(traj.x[:, -1]), expected, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(traj.x[:, -2]), (np.arange(cfg.trial_len) % cfg.horizon == 0)
+                                  & (np.arange(cfg.trial_len) > 0))  # the done flag moved one left
+
+
+def test_anneal_decays_step_size_and_entropy_bonus_to_zero():
+    env = BernoulliBandit(2)
+    cfg = tiny_config(env, anneal=True, ent_coef=0.05, total_timesteps=8 * 3 * 4, eval_interval=8 * 3 * 2)
+    assert cfg.total_grad_steps == 2 * 2 * cfg.update_epochs * cfg.num_minibatches
+    assert ent_coef_at(0, cfg) == pytest.approx(0.05)
+    assert float(ent_coef_at(cfg.total_grad_steps // 2, cfg)) == pytest.approx(0.025)
+    assert float(ent_coef_at(cfg.total_grad_steps, cfg)) == pytest.approx(0.0)
+    assert ent_coef_at(cfg.total_grad_steps, cfg._replace(anneal=False)) == pytest.approx(0.05)
+    # Adam's step size: the full learning rate at the first step, nothing after the last
+    ts = init_carry(jax.random.PRNGKey(0), cfg).train_state
+    ones = jax.tree.map(jnp.ones_like, ts.params)
+    moved = lambda ts_: float(jnp.abs(ravel_pytree(ts_.apply_gradients(grads=ones).params)[0]
+                                      - ravel_pytree(ts_.params)[0]).max())
+    assert moved(ts) == pytest.approx(cfg.learning_rate, rel=1e-2)
+    for _ in range(cfg.total_grad_steps):
+        ts = ts.apply_gradients(grads=jax.tree.map(jnp.zeros_like, ts.params))
+    assert moved(ts) < 1e-9
 
 
 # ----------------------------------------------------------------------------

@@ -86,6 +86,12 @@ class Args(CommonArgs):
     """evaluate the global policy every this many iterations (GPS counts iterations)"""
     algorithm: Literal["mdgps", "lqr_flm"] = "mdgps"
     """mdgps: C-step bounded by KL to the linearised global policy, then S-step; lqr_flm: controllers only"""
+    sample_on_policy: bool = True
+    """mdgps: after the first iteration sample the global policy (with noise of variance pol_var) instead of
+    the controllers (cbfinn/gps sample_on_policy, mjc_mdgps_example/on_policy)"""
+    step_rule: Literal["laplace", "mc"] = "mc"
+    """mdgps step adaptation: Laplace estimates of the policy linearisations, or the samples' mean cost
+    (cbfinn/gps step_rule)"""
     conditions: int = 4
     """training conditions used (the env offers at most its own number)"""
     horizon: int = 50
@@ -96,10 +102,11 @@ class Args(CommonArgs):
     """variance of the initial controllers' Gaussian noise (zero gains); Reacher's torques are strong (gear 200)"""
     kl_step: float = 1.0
     """base KL step epsilon per time step; the bound is kl_step * step_mult * T (cbfinn/gps: 1.0)"""
-    min_step_mult: float = 0.01
-    """lower limit of the adapted step multiplier (cbfinn/gps)"""
-    max_step_mult: float = 10.0
-    """upper limit of the adapted step multiplier (cbfinn/gps)"""
+    min_step_mult: float | None = None
+    """lower limit of the adapted step multiplier; default 0.01 for lqr_flm (cbfinn/gps ALG), 0.5 for mdgps
+    (cbfinn/gps mjc_mdgps_example)"""
+    max_step_mult: float | None = None
+    """upper limit of the adapted step multiplier; default 10 for lqr_flm, 3 for mdgps (as min_step_mult)"""
     prior_samples: int = 20
     """trajectories per condition kept for the GMM priors (cbfinn/gps max_samples)"""
     max_clusters: int = 20
@@ -112,7 +119,9 @@ class Args(CommonArgs):
     """hidden layers of the global policy MLP (relu)"""
     policy_lr: float = 1e-3
     """Adam learning rate of the S-step"""
-    policy_steps: int = 1000
+    policy_weight_decay: float = 0.005
+    """L2 penalty added to the S-step gradient (cbfinn/gps policy_opt weight_decay 0.005): a smoother policy"""
+    policy_steps: int = 4000
     """Adam steps per S-step (minibatches)"""
     policy_batch_size: int = 128
     """S-step minibatch size"""
@@ -473,9 +482,20 @@ def rollout(env, condition: int, T: int, act, seed: int):
     return np.stack(xs), np.stack(us), np.stack(obses)
 
 
-def controller_act(K, k, L, noise):
-    """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU))."""
+def controller_act(K, k, L=None, noise=None):
+    """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU)); the mean
+    controller if noise is None."""
+    if noise is None:
+        return lambda x, o, t: K[t] @ x + k[t]
     return lambda x, o, t: K[t] @ x + k[t] + L[t] @ noise[t]
+
+
+def evaluate(env, conds, T: int, acts, seed: int):
+    """One run per condition conds[i] with acts[i]: mean final distance and mean trajectory cost."""
+    runs = [rollout(env, c, T, act, seed) for c, act in zip(conds, acts, strict=True)]
+    xs, us = (jnp.asarray(np.stack([r[i] for r in runs]), jnp.float32) for i in (0, 1))
+    cs = jax.vmap(jax.vmap(env.cost))(xs, us, jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))
+    return float(jax.vmap(env.distance)(xs[:, -1]).mean()), float(cs.sum(-1).mean())
 
 
 def validate(args: Args):
@@ -500,6 +520,10 @@ def main(args: Args) -> dict:
     if args.conditions > env.num_train:
         fail(f"--conditions {args.conditions} exceeds the {env.num_train} training conditions of '{args.env_id}'")
     M, N, T = args.conditions, args.num_samples, args.horizon
+    on_policy = args.sample_on_policy and args.algorithm == "mdgps"
+    lo, hi = (0.01, 10.0) if args.algorithm == "lqr_flm" else (0.5, 3.0)  # step multiplier range (see Args)
+    mult_range = (lo if args.min_step_mult is None else args.min_step_mult,
+                  hi if args.max_step_mult is None else args.max_step_mult)
     iterations = args.total_timesteps // (M * N * T)
     if iterations < 1:
         fail(f"--total-timesteps {args.total_timesteps} is less than one iteration ({M * N * T} steps)")
@@ -511,9 +535,9 @@ def main(args: Args) -> dict:
     dO = env.observation_space.shape[0]
     cfg = tuple({"min_points": args.min_points_per_cluster, "max_clusters": args.max_clusters,
                  "gmm_iters": args.gmm_iters}.items())
-    cost_fn, dist_fn = env.cost, jax.jit(jax.vmap(env.distance))
+    dist_fn = jax.jit(jax.vmap(env.distance))
     vmapM = lambda f: jax.jit(jax.vmap(f))  # noqa: E731  (over conditions)
-    quadratize = vmapM(partial(quadratize_cost, cost_fn))
+    quadratize = vmapM(partial(quadratize_cost, env.cost))
     fit_dyn = jax.vmap(partial(fit_dynamics, cfg_items=cfg))
     fit_pol = jax.vmap(partial(fit_policy_linearization, cfg_items=cfg), in_axes=(0, 0, 0, 0, 0, 0, None))
     c_step_M, est_M = jax.vmap(c_step), vmapM(estimate_cost)
@@ -526,7 +550,8 @@ def main(args: Args) -> dict:
     policy = Policy(args.policy_hidden, dU)
     key, k_init = jax.random.split(key)
     pstate = TrainState.create(apply_fn=policy.apply, params=policy.init(k_init, jnp.zeros(dO)),
-                               tx=optax.adam(args.policy_lr))
+                               tx=optax.chain(optax.add_decayed_weights(args.policy_weight_decay),
+                                                 optax.adam(args.policy_lr)))
     o_mean, o_std, pol_var = np.zeros(dO), np.ones(dO), np.full(dU, args.init_var)
     pi = jax.jit(lambda params, o: policy.apply(params, (o - o_mean) / o_std))
     step_mult, eta = np.ones(M), np.ones(M)
@@ -550,14 +575,21 @@ def main(args: Args) -> dict:
         pol_var = 1.0 / np.diag(np.asarray(prec.mean(0)))  # cbfinn/gps: var = 1 / diag(mean precision)
         return pstate, loss
 
+    def policy_act(noise):  # u_t = pi_theta(o_t) + noise_t
+        return lambda x, o, t: np.asarray(pi(pstate.params, jnp.asarray(o, jnp.float32))) + noise[t]
+
     for it in range(iterations):
         t0 = time.time()
-        # [1] N samples per condition with the current controllers, exact resets.
+        # [1] N samples per condition from the controllers, or (on-policy MDGPS,
+        # after the first iteration) from the global policy with noise of
+        # variance pol_var (cbfinn/gps sample_on_policy); exact resets.
         X, U, Ob = (np.zeros((M, N, T, d)) for d in (dX, dU, dO))
         Kn, kn, Ln = (np.asarray(a) for a in (ctrl.K, ctrl.k, np.linalg.cholesky(np.asarray(ctrl.cov))))
         for m in range(M):
             for n in range(N):
-                act = controller_act(Kn[m], kn[m], Ln[m], rng.standard_normal((T, dU)))
+                eps = rng.standard_normal((T, dU))
+                act = (policy_act(np.sqrt(pol_var) * eps) if on_policy and prev is not None
+                       else controller_act(Kn[m], kn[m], Ln[m], eps))
                 X[m, n], U[m, n], Ob[m, n] = rollout(env, m, T, act, seed=int(rng.integers(2**31)))
         slot = [(it * N + n) % S for n in range(N)]
         for name, arr in (("X", X), ("U", U), ("Ob", Ob)):
@@ -584,16 +616,31 @@ def main(args: Args) -> dict:
                 pol_lin = fit_pol(jax.random.split(k_pol, M), bufj["X"], jnp.asarray(pol_buf), bufj["mask"], Xj,
                                   jnp.asarray(pol_mu), jnp.asarray(pol_var, jnp.float64))
 
-        # [5] Step size from predicted vs actual improvement of the controller
-        # that was constrained (lqr_flm) or of the policy linearisation (mdgps).
+        # [5] Step size from predicted vs actual improvement (Laplace estimates
+        # of the expected cost under fitted dynamics and cost). LQR-FLM, per
+        # condition (cbfinn/gps algorithm_traj_opt._stepadjust): the old
+        # controller under the old fit, against the new controller under the
+        # old fit (predicted) and under the new fit (actual). MDGPS, one step
+        # for all conditions (algorithm_mdgps._stepadjust): the previous policy
+        # linearisation under the old fit, against the controller the C-step
+        # made from it (predicted) and the current linearisation under the new
+        # fit (actual): did the S-step's policy realise the planned improvement?
         if prev is not None:
-            old, cur = (prev["ctrl"], ctrl) if args.algorithm == "lqr_flm" else (prev["pol_lin"], pol_lin)
             with jax.enable_x64(True):
-                prev_obj = np.asarray(est_M(old, prev["dyn"], prev["cost"]))
-                predicted = prev_obj - np.asarray(est_M(cur, prev["dyn"], prev["cost"]))
-                actual = prev_obj - np.asarray(est_M(cur, dyn, cost))
-            step_mult = new_step_mult(step_mult, predicted, actual, args.min_step_mult, args.max_step_mult)
-            metrics.update({"predicted_improvement": predicted.mean(), "actual_improvement": actual.mean()})
+                if args.algorithm == "lqr_flm":
+                    prev_obj = np.asarray(est_M(prev["ctrl"], prev["dyn"], prev["cost"]))
+                    predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"]))
+                    actual = prev_obj - np.asarray(est_M(ctrl, dyn, cost))
+                elif args.step_rule == "laplace":
+                    prev_obj = np.asarray(est_M(prev["pol_lin"], prev["dyn"], prev["cost"])).mean()
+                    predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"])).mean()
+                    actual = prev_obj - np.asarray(est_M(pol_lin, dyn, cost)).mean()
+                else:  # "mc": the samples' actual mean costs instead of the linearisations' estimates
+                    prev_obj = prev["mc"]
+                    predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"])).mean()
+                    actual = prev_obj - float(costs.sum(-1).mean())
+            step_mult = new_step_mult(step_mult, predicted, actual, *mult_range)
+            metrics.update({"predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual)})
 
         # [6] C-step: KL-bounded LQG against the old controller or the policy linearisation.
         anchor = ctrl if args.algorithm == "lqr_flm" else pol_lin
@@ -603,7 +650,7 @@ def main(args: Args) -> dict:
             new_ctrl, eta_new, kl = c_step_M(anchor, dyn, cost, jnp.asarray(eta), jnp.asarray(bound))
         check_finite(it, controller_K=new_ctrl.K, controller_cov=new_ctrl.cov)
         eta = np.asarray(eta_new)
-        prev = {"ctrl": ctrl, "dyn": dyn, "cost": cost, "pol_lin": pol_lin}
+        prev = {"ctrl": ctrl, "dyn": dyn, "cost": cost, "pol_lin": pol_lin, "mc": float(costs.sum(-1).mean())}
 
         # [7] S-step with the new controllers' means on this iteration's samples.
         if args.algorithm == "mdgps":
@@ -612,11 +659,16 @@ def main(args: Args) -> dict:
             metrics["policy_loss"] = s_loss
         ctrl = new_ctrl
 
-        # [8] Evaluation: the samples' final distances (local controllers), and
+        # [8] Evaluation: the samples' final distances, the mean controllers, and
         # one deterministic run of the global policy per condition.
         samples = (it + 1) * M * N * T
         final = np.asarray(dist_fn(jnp.asarray(X[:, :, -1].reshape(-1, dX), jnp.float32)))
         at_bound = np.isclose(np.abs(U), env.action_space.high, rtol=0, atol=1e-6)
+        # The noise-free mean controllers u = K x + k, one evaluation run per
+        # condition (real steps, but not training samples: nothing is fitted on them).
+        Kc, kc = np.asarray(ctrl.K), np.asarray(ctrl.k)
+        metrics["local/mean_controller_final_distance"], _ = evaluate(
+            env, range(M), T, [controller_act(Kc[m], kc[m]) for m in range(M)], args.seed)
         metrics.update({"iteration": it + 1, "local/final_distance": final.mean(),
                         "local/final_distance_per_condition": final.reshape(M, N).mean(1).round(4),
                         "local/actions_at_bound": at_bound.mean(),
@@ -625,15 +677,9 @@ def main(args: Args) -> dict:
                         "iteration_time": time.time() - t0})
         if args.algorithm == "mdgps" and ((it + 1) % args.eval_interval == 0 or it + 1 == iterations):
             for name, conds in (("train", range(M)), ("test", test_conds)):
-                if not conds:
-                    continue
-                act = lambda x, o, t, p=pstate.params: np.asarray(pi(p, jnp.asarray(o, jnp.float32)))  # noqa: E731
-                runs = [rollout(env, c, T, act, seed=args.seed) for c in conds]
-                xs = jnp.asarray(np.stack([r[0] for r in runs]), jnp.float32)
-                cs = jax.vmap(jax.vmap(cost_fn))(xs, jnp.asarray(np.stack([r[1] for r in runs]), jnp.float32),
-                                                 jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))
-                metrics[f"global/{name}_final_distance"] = float(np.asarray(dist_fn(xs[:, -1])).mean())
-                metrics[f"global/{name}_cost"] = float(cs.sum(-1).mean())
+                if conds:
+                    metrics[f"global/{name}_final_distance"], metrics[f"global/{name}_cost"] = evaluate(
+                        env, conds, T, [policy_act(np.zeros((T, dU)))] * len(conds), args.seed)
         run.log(metrics, samples)
         history.append({k: np.asarray(v).tolist() for k, v in metrics.items()} | {"samples": samples,
                                                                      "time": time.time() - start})
@@ -643,7 +689,7 @@ def main(args: Args) -> dict:
                                                     "obs_mean": o_mean, "obs_std": o_std})
     if args.capture_video:
         video_env = make_conditions_env(args.env_id, render_mode="rgb_array")
-        record_video(video_env, lambda o: np.asarray(pi(pstate.params, jnp.asarray(o, jnp.float32))),
+        record_video(video_env, lambda o: policy_act(np.zeros((1, dU)))(None, o, 0),
                      run.dir / "videos", episodes=1, seed=args.seed, max_steps=T)
     run.close()
     return {"history": history, "controllers": ctrl, "policy_params": pstate.params, "run_dir": run.dir}

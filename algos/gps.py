@@ -14,25 +14,21 @@ Papers and lecture:
 - CS 285 (Levine), "Model-Based Policy Learning" part 2: the GPS recipe.
 Reference code: cbfinn/gps (Python 2, Caffe; read for constants, not copied).
 
-What is here: M conditions (fixed initial states/targets, reset exactly by the
-env wrapper in common/envs.py), one linear-Gaussian controller
-p_i(u_t | x_t) = N(K_t x_t + k_t, S_t) per condition, dynamics
-x_{t+1} ~ N(F_t [x_t; u_t] + f_t, D_t) fitted per time step by regression with
-a normal-inverse-Wishart prior from a GMM over recent (x, u, x') tuples, the
-KL-constrained LQG backward pass (cost derivatives by jax autodiff, eta by a
-bracketing search), the forward pass for the state-action marginals, step-size
-adaptation, and the S-step: an MLP policy pi_theta(u | o) fitted to the
-controllers' means weighted by their precisions. The global policy sees the
-env's observation o (Reacher: cos/sin of the joint angles, target, joint
-velocities, fingertip - target), the controllers see the state x
-(joint angles and velocities, fingertip - target and its velocity).
-Left out: BADMM GPS, the PILQR/path-integral variants, smoothed exploration
-noise (white noise here), the reference's LQR-based controller initialisation
-(we start from zero gains with variance init_var, the reference's init_pd with
-zero gains), image observations.
-Status (docs/gps.md, benchmarks/gps.py): LQR-FLM reaches a final fingertip
-distance of 0.037 +- 0.007 on Reacher-v5 in 10 iterations (3 seeds); MDGPS
-does not yet improve much (about 0.15), see the docs for what was measured.
+What is here: M conditions (fixed initial states/targets, reset exactly by
+common/envs.py), one linear-Gaussian controller p_i(u_t | x_t) =
+N(K_t x_t + k_t, S_t) per condition, dynamics x_{t+1} ~ N(F_t [x_t; u_t] + f_t,
+D_t) fitted per time step with a normal-inverse-Wishart prior from a GMM over
+recent (x, u, x') tuples, the KL-constrained LQG backward pass (cost
+derivatives by autodiff, eta by bracketing), the forward pass, step-size
+adaptation, and the S-step: an MLP pi_theta(u | o) fitted to the controllers'
+means weighted by their precisions. The policy sees the env's observation o
+(Reacher: cos/sin of the joint angles, target, joint velocities, fingertip -
+target), the controllers the state x (joint angles and velocities, fingertip -
+target and its velocity). Left out: BADMM GPS, PILQR, smoothed exploration
+noise, the reference's LQR-based initialisation (we start from zero gains,
+its init_pd without gains), images.
+Status (docs/gps.md): see the Results there; on Reacher-v5 (3 seeds, 10
+iterations) neither the LQR-FLM target (0.02) nor the MDGPS one (0.03) is met.
 
 Run:
     python -m algos.gps                          # MDGPS on Reacher-v5, 4 conditions
@@ -42,7 +38,7 @@ Run:
 Algorithm (Montgomery & Levine 2016, Alg. 2; the numbers mark the code below):
     [0] initialise p_i = N(0, init_var I) for every training condition i
     for iteration = 1..K:
-      [1] run each p_i N times from condition i (exact reset): tau_{i,j}
+      [1] run each p_i (mdgps on-policy: pi_theta + noise) N times from condition i (exact reset)
       [2] quadratise the cost along the samples (autodiff), average over samples
       [3] fit the dynamics p(x'|x,u) per time step, NIW prior from a GMM
       [4] (mdgps) linearise pi_theta around the samples: pi_lin_i(u|x)
@@ -50,7 +46,7 @@ Algorithm (Montgomery & Levine 2016, Alg. 2; the numbers mark the code below):
       [6] C-step: p_i <- argmin E_p[cost] s.t. KL(p_i || prev_i) <= epsilon_i,
           prev_i = old p_i (lqr_flm) or pi_lin_i (mdgps); eta by bracketing
       [7] (mdgps) S-step: theta <- argmin sum_{i,j,t} ||pi_theta(o_t) - mu_i(x_t)||^2_{S_t^-1}
-      [8] evaluate: controllers' samples, global policy on training and held-out conditions
+      [8] evaluate: samples, mean controllers, global policy on training and held-out conditions
 """
 
 from __future__ import annotations
@@ -87,11 +83,9 @@ class Args(CommonArgs):
     algorithm: Literal["mdgps", "lqr_flm"] = "mdgps"
     """mdgps: C-step bounded by KL to the linearised global policy, then S-step; lqr_flm: controllers only"""
     sample_on_policy: bool = True
-    """mdgps: after the first iteration sample the global policy (with noise of variance pol_var) instead of
-    the controllers (cbfinn/gps sample_on_policy, mjc_mdgps_example/on_policy)"""
+    """mdgps: after iteration 1 sample pi_theta + noise, not the controllers (cbfinn/gps sample_on_policy)"""
     step_rule: Literal["laplace", "mc"] = "mc"
-    """mdgps step adaptation: Laplace estimates of the policy linearisations, or the samples' mean cost
-    (cbfinn/gps step_rule)"""
+    """mdgps step adaptation: Laplace estimates of the policy linearisations or the samples' costs (cbfinn/gps)"""
     conditions: int = 4
     """training conditions used (the env offers at most its own number)"""
     horizon: int = 50
@@ -103,10 +97,9 @@ class Args(CommonArgs):
     kl_step: float = 1.0
     """base KL step epsilon per time step; the bound is kl_step * step_mult * T (cbfinn/gps: 1.0)"""
     min_step_mult: float | None = None
-    """lower limit of the adapted step multiplier; default 0.01 for lqr_flm (cbfinn/gps ALG), 0.5 for mdgps
-    (cbfinn/gps mjc_mdgps_example)"""
+    """lower limit of the step multiplier; default 0.01 (lqr_flm, cbfinn/gps ALG), 0.5 (mdgps, mjc_mdgps_example)"""
     max_step_mult: float | None = None
-    """upper limit of the adapted step multiplier; default 10 for lqr_flm, 3 for mdgps (as min_step_mult)"""
+    """upper limit of the step multiplier; default 2 (lqr_flm, tuned: docs/gps.md), 3 (mdgps, mjc_mdgps_example)"""
     prior_samples: int = 20
     """trajectories per condition kept for the GMM priors (cbfinn/gps max_samples)"""
     max_clusters: int = 20
@@ -122,7 +115,7 @@ class Args(CommonArgs):
     policy_weight_decay: float = 0.005
     """L2 penalty added to the S-step gradient (cbfinn/gps policy_opt weight_decay 0.005): a smoother policy"""
     policy_steps: int = 4000
-    """Adam steps per S-step (minibatches)"""
+    """Adam steps per S-step (minibatches; cbfinn/gps mjc_mdgps_example: 4000 iterations)"""
     policy_batch_size: int = 128
     """S-step minibatch size"""
 
@@ -521,7 +514,7 @@ def main(args: Args) -> dict:
         fail(f"--conditions {args.conditions} exceeds the {env.num_train} training conditions of '{args.env_id}'")
     M, N, T = args.conditions, args.num_samples, args.horizon
     on_policy = args.sample_on_policy and args.algorithm == "mdgps"
-    lo, hi = (0.01, 10.0) if args.algorithm == "lqr_flm" else (0.5, 3.0)  # step multiplier range (see Args)
+    lo, hi = (0.01, 2.0) if args.algorithm == "lqr_flm" else (0.5, 3.0)  # step multiplier range (see Args)
     mult_range = (lo if args.min_step_mult is None else args.min_step_mult,
                   hi if args.max_step_mult is None else args.max_step_mult)
     iterations = args.total_timesteps // (M * N * T)
@@ -616,15 +609,13 @@ def main(args: Args) -> dict:
                 pol_lin = fit_pol(jax.random.split(k_pol, M), bufj["X"], jnp.asarray(pol_buf), bufj["mask"], Xj,
                                   jnp.asarray(pol_mu), jnp.asarray(pol_var, jnp.float64))
 
-        # [5] Step size from predicted vs actual improvement (Laplace estimates
-        # of the expected cost under fitted dynamics and cost). LQR-FLM, per
-        # condition (cbfinn/gps algorithm_traj_opt._stepadjust): the old
-        # controller under the old fit, against the new controller under the
-        # old fit (predicted) and under the new fit (actual). MDGPS, one step
-        # for all conditions (algorithm_mdgps._stepadjust): the previous policy
-        # linearisation under the old fit, against the controller the C-step
-        # made from it (predicted) and the current linearisation under the new
-        # fit (actual): did the S-step's policy realise the planned improvement?
+        # [5] Step size from predicted vs actual improvement (est_M: Laplace
+        # estimates under fitted dynamics and cost). LQR-FLM, per condition
+        # (cbfinn/gps algorithm_traj_opt._stepadjust): old controller vs new one
+        # under the old fit (predicted) and the new fit (actual). MDGPS, one step
+        # for all (algorithm_mdgps._stepadjust): previous cost vs the C-step's
+        # controller under the old fit (predicted) and vs the current cost (actual):
+        # did the S-step's policy realise the planned improvement?
         if prev is not None:
             with jax.enable_x64(True):
                 if args.algorithm == "lqr_flm":

@@ -223,6 +223,16 @@ def test_policy_linearization_recovers_linear_policy(x64):
     np.testing.assert_allclose(jnp.diagonal(lin.cov, axis1=1, axis2=2), np.broadcast_to(var, (T, dU)), atol=1e-3)
 
 
+def test_step_multiplier_follows_predicted_vs_actual_improvement():
+    # cbfinn/gps _set_new_mult: m *= clip(pred / (2 (pred - actual)), 0.1, 5), then m in [lo, hi]
+    mult = lambda pred, actual, m=1.0: float(gps.new_step_mult(m, pred, actual, 0.01, 3.0))  # noqa: E731
+    assert mult(10.0, 5.0) == pytest.approx(1.0)  # half the predicted gain realised: keep the step
+    assert mult(10.0, 10.0) == pytest.approx(3.0)  # all of it: grow (x5), capped at hi
+    assert mult(10.0, 7.5) == pytest.approx(2.0)
+    assert mult(10.0, -100.0) == pytest.approx(0.1)  # worse than before: shrink (x0.1)
+    assert mult(10.0, -100.0, m=0.05) == pytest.approx(0.01)  # floored at lo
+
+
 def test_s_step_fits_precision_weighted_targets():
     """The S-step drives the precision-weighted loss down on a linear target."""
     import optax
@@ -296,13 +306,15 @@ TINY = ["--env-id", "PointMass-v0", "--horizon", "8", "--num-samples", "2", "--c
         "--policy-hidden", "8", "--init-var", "1.0"]
 
 
-def test_cli_smoke_mdgps(tmp_path):
-    out = run_cli(tmp_path, *TINY, "--save-model")
+@pytest.mark.parametrize("flags", [[], ["--no-sample-on-policy", "--step-rule", "laplace"]])
+def test_cli_smoke_mdgps(tmp_path, flags):
+    out = run_cli(tmp_path, *TINY, "--save-model", *flags)
     assert out.returncode == 0, out.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_step"] for r in rows] == [32, 64]  # 2 conditions x 2 samples x 8 steps per iteration
-    for key in ("global/train_final_distance", "global/test_final_distance", "local/final_distance", "kl"):
+    for key in ("global/train_final_distance", "global/test_final_distance", "local/final_distance", "kl",
+                "local/mean_controller_final_distance"):
         assert all(np.isfinite(r[key]) for r in rows), key
     assert "predicted_improvement" in rows[1] and "predicted_improvement" not in rows[0]
     assert (run_dir / "model.msgpack").stat().st_size > 0

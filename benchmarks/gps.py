@@ -45,6 +45,8 @@ SAC_REFERENCE = {"steps": 300_000, "return": 18.062, "std": 9.729,
 KEYS = {"local": "local/final_distance", "local_mean": "local/mean_controller_final_distance",
         "global_train": "global/train_final_distance", "global_test": "global/test_final_distance",
         "local_cost": "local/cost", "global_train_cost": "global/train_cost"}
+LABELS = {"local": "samples", "local_mean": "mean controllers",  # mdgps samples: the policy + noise
+          "global_train": "global policy, training", "global_test": "global policy, held-out"}
 
 
 def run(algorithm: str, seeds: list[int]) -> dict:
@@ -93,8 +95,8 @@ def main():
         x = r["runs"][0]["samples"]
         for name, ls in styles.items():
             if name in r["runs"][0]:
-                plot_curve(axes[0], x, [run_[name] for run_ in r["runs"]], label=f"{algorithm} {name}", ls=ls)
-        plot_curve(axes[1], x, [run_["local_cost"] for run_ in r["runs"]], label=f"{algorithm} local controllers")
+                plot_curve(axes[0], x, [run_[name] for run_ in r["runs"]], label=f"{algorithm} {LABELS[name]}", ls=ls)
+        plot_curve(axes[1], x, [run_["local_cost"] for run_ in r["runs"]], label=f"{algorithm} {LABELS['local']}")
         if "global_train_cost" in r["runs"][0]:
             plot_curve(axes[1], x, [run_["global_train_cost"] for run_ in r["runs"]],
                        label=f"{algorithm} global policy", ls="--")

@@ -493,12 +493,9 @@ def evaluate(env, conds, T: int, acts, seed: int):
 
 
 def validate(args: Args):
-    if args.horizon < 2:
-        fail(f"--horizon must be at least 2, got {args.horizon}")
-    if args.num_samples < 2:
-        fail(f"--num-samples must be at least 2 (dynamics are fitted from samples), got {args.num_samples}")
-    if args.conditions < 1:
-        fail(f"--conditions must be at least 1, got {args.conditions}")
+    for name, least in (("horizon", 2), ("num_samples", 2), ("conditions", 1)):  # dynamics need >= 2 samples
+        if getattr(args, name) < least:
+            fail(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     for name in ("init_var", "kl_step", "policy_lr"):
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -52,6 +52,7 @@ Algorithm (numbers mark the code below):
             re-run the GRU over each trial from h_0 = 0 (backprop through time),
             L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A)
                 + c_v (V - R)^2 - c_H entropy,  rho = pi_new / pi_old;  Adam step
+            (--anneal: the step size and c_H decay linearly to 0 over training)
       [5] every eval_interval env steps: mean total reward per trial on new tasks
 """
 

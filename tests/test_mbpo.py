@@ -182,8 +182,10 @@ def test_cli_smoke(tmp_path):
     assert [r["global_step"] for r in rows] == [300, 600]
     assert "sac/critic_loss" in rows[-1] and np.isfinite(rows[-1]["sac/critic_loss"])
     assert (run_dir / "mbpo.msgpack").stat().st_size > 1000
-    help_text = run_cli(tmp_path, "--help").stdout
-    assert "ten minutes" in help_text and "--rollout-schedule" in help_text
+    # --help states how long the default run takes (the issue asks for it); tyro wraps
+    # lines inside a box, so compare words only.
+    help_words = " ".join(w for w in run_cli(tmp_path, "--help").stdout.split() if w not in "│╭╮╰╯─")
+    assert "all 10k steps took 16-17 minutes" in help_words and "--rollout-schedule" in help_words
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -592,6 +592,7 @@ def main(args: Args) -> dict:
             bufj = {k: jnp.asarray(v) for k, v in buf.items()}
             # [2] Quadratic cost along the samples; [3] dynamics with the GMM prior.
             cost, costs = quadratize(Xj, Uj)  # costs (M, N, T)
+            mc_cost = float(costs.sum(-1).mean())  # the samples' mean trajectory cost
             dyn = fit_dyn(jax.random.split(k_dyn, M), bufj["X"], bufj["U"], bufj["mask"], Xj, Uj)
         check_finite(it, dynamics_F=dyn.F, dynamics_cov=dyn.cov, cost_C=cost.C)
 
@@ -620,14 +621,12 @@ def main(args: Args) -> dict:
                     prev_obj = np.asarray(est_M(prev["ctrl"], prev["dyn"], prev["cost"]))
                     predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"]))
                     actual = prev_obj - np.asarray(est_M(ctrl, dyn, cost))
-                elif args.step_rule == "laplace":
-                    prev_obj = np.asarray(est_M(prev["pol_lin"], prev["dyn"], prev["cost"])).mean()
+                else:  # "mc" rule: the samples' mean costs in place of the linearisations' estimates
+                    laplace = args.step_rule == "laplace"
+                    prev_obj = np.asarray(est_M(prev["pol_lin"], prev["dyn"], prev["cost"])).mean() if laplace \
+                        else prev["mc"]
                     predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"])).mean()
-                    actual = prev_obj - np.asarray(est_M(pol_lin, dyn, cost)).mean()
-                else:  # "mc": the samples' actual mean costs instead of the linearisations' estimates
-                    prev_obj = prev["mc"]
-                    predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"])).mean()
-                    actual = prev_obj - float(costs.sum(-1).mean())
+                    actual = prev_obj - (np.asarray(est_M(pol_lin, dyn, cost)).mean() if laplace else mc_cost)
             step_mult = new_step_mult(step_mult, predicted, actual, *mult_range)
             metrics.update({"predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual)})
 
@@ -639,7 +638,7 @@ def main(args: Args) -> dict:
             new_ctrl, eta_new, kl = c_step_M(anchor, dyn, cost, jnp.asarray(eta), jnp.asarray(bound))
         check_finite(it, controller_K=new_ctrl.K, controller_cov=new_ctrl.cov)
         eta = np.asarray(eta_new)
-        prev = {"ctrl": ctrl, "dyn": dyn, "cost": cost, "pol_lin": pol_lin, "mc": float(costs.sum(-1).mean())}
+        prev = {"ctrl": ctrl, "dyn": dyn, "cost": cost, "pol_lin": pol_lin, "mc": mc_cost}
 
         # [7] S-step with the new controllers' means on this iteration's samples.
         if args.algorithm == "mdgps":
@@ -661,7 +660,7 @@ def main(args: Args) -> dict:
         metrics.update({"iteration": it + 1, "local/final_distance": final.mean(),
                         "local/final_distance_per_condition": final.reshape(M, N).mean(1).round(4),
                         "local/actions_at_bound": at_bound.mean(),
-                        "local/cost": float(np.asarray(costs).sum(-1).mean()), "kl": np.asarray(kl).mean(),
+                        "local/cost": mc_cost, "kl": np.asarray(kl).mean(),
                         "kl_bound": float(np.mean(bound)), "eta": eta.mean(), "step_mult": step_mult.mean(),
                         "iteration_time": time.time() - t0})
         if args.algorithm == "mdgps" and ((it + 1) % args.eval_interval == 0 or it + 1 == iterations):

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import backprop_through_model as btm  # noqa: E402
-from benchmarks.harness import plot_curve, save_figure, save_results, timer  # noqa: E402
+from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, timer  # noqa: E402
 
 SAC_REFERENCE = {
     "Pendulum-v1": {"return": -156.995, "std": 88.714, "steps": 20_000,
@@ -63,8 +63,7 @@ def run_env(env_id: str, seeds: list[int]) -> dict:
     if target is not None and (mean_curve >= target).any():
         reached = int(runs[0]["steps"][int(np.argmax(mean_curve >= target))])
     finals = np.array([r["final_eval_return"] for r in runs])
-    return {"env_id": env_id, "runs": runs, "final_mean": float(finals.mean()),
-            "final_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+    return {"env_id": env_id, "runs": runs, **final_mean_std(finals),
             "first_step_mean_curve_reaches_target": reached,
             "wall_seconds_per_seed": float(np.mean([r["wall_seconds"] for r in runs]))}
 

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import gps  # noqa: E402
-from benchmarks.harness import plot_curve, save_figure, save_results, timer  # noqa: E402
+from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, timer  # noqa: E402
 
 TARGETS = {"local": 0.02, "global_train": 0.03}
 SAC_REFERENCE = {"steps": 300_000, "return": 18.062, "std": 9.729,
@@ -73,9 +73,7 @@ def run(algorithm: str, seeds: list[int]) -> dict:
         if name in runs[0]:
             finals = np.array([r[name][-1] for r in runs])
             best = np.array([min(r[name]) for r in runs]) if "cost" not in name else None
-            summary[name] = {"final_mean": float(finals.mean()),
-                             "final_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
-                             "per_seed_final": finals.tolist(),
+            summary[name] = {**final_mean_std(finals), "per_seed_final": finals.tolist(),
                              "best_iteration_mean": None if best is None else float(best.mean())}
     return {"algorithm": algorithm, "runs": runs, "summary": summary,
             "wall_seconds_per_seed": float(np.mean([r["wall_seconds"] for r in runs]))}

@@ -111,6 +111,12 @@ def mean_and_stderr(values, axis: int = 0):
     return values.mean(axis=axis), se
 
 
+def final_mean_std(finals) -> dict:
+    """{"final_mean", "final_std"} of per-seed final figures (sample std; 0 for one seed)."""
+    finals = np.asarray(finals, dtype=np.float64)
+    return {"final_mean": float(finals.mean()), "final_std": float(finals.std(ddof=1)) if len(finals) > 1 else 0.0}
+
+
 def plot_curve(ax, x, runs, label: str, **kwargs):
     """Mean over runs (axis 0) with a one-standard-error band."""
     mean, se = mean_and_stderr(runs)

@@ -106,7 +106,7 @@ def baselines_with_step_sizes(a):
                 print(f"seed {seed} {name} alpha {lr}: {np.round(curve, 2)}", flush=True)
     table = {}
     for name, c in curves.items():
-        mean, se = mean_and_stderr(np.array(c)) if len(c) > 1 else (np.array(c[0]), np.zeros(4))
+        mean, se = mean_and_stderr(c)  # one seed: its curve, stderr 0
         table[name] = {"mean": np.round(mean, 2).tolist(), "stderr": np.round(se, 2).tolist(),
                        "per_seed": np.round(c, 2).tolist()}
         print(f"{name:24s} " + "  ".join(f"{m:8.2f} +- {s:5.2f}" for m, s in zip(mean, se, strict=True)))
@@ -141,7 +141,7 @@ def report(a, curves, walls):
     seeds = len(curves["MAML"])
     table = {}
     for name, c in curves.items():
-        mean, se = mean_and_stderr(c) if len(c) > 1 else (c[0], np.zeros(4))
+        mean, se = mean_and_stderr(c)
         table[name] = {"mean": np.round(mean, 2).tolist(), "stderr": np.round(se, 2).tolist(),
                        "per_seed": c.round(2).tolist()}
         print(f"{name:12s} " + "  ".join(f"{m:8.2f} +- {s:5.2f}" for m, s in zip(mean, se, strict=True)))

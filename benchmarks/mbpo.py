@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos.mbpo import PAPER_CONFIGS  # noqa: E402
-from benchmarks.harness import plot_curve, save_figure, save_results  # noqa: E402
+from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Published return at the paper's budget (Fig. 2 of the paper; see ../shared/REFERENCE.md:
@@ -119,9 +119,7 @@ def main():
                 ax.plot(r["steps"], r["eval_return"], lw=0.6, alpha=0.5, color="C0")
             finals = curves[:, -1]
             wall = float(np.mean([r["wall_seconds"][n - 1] for r in runs]))
-            summary.update(final_step=int(x[-1]), final_mean=float(finals.mean()),
-                           final_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
-                           wall_seconds_mean=wall)
+            summary.update(final_step=int(x[-1]), **final_mean_std(finals), wall_seconds_mean=wall)
             budget = runs[0]["budget"]
             partial = int(x[-1]) < budget
             headline.append({"algorithm": "MBPO", "setting": f"{env_id}, {int(x[-1]) // 1000}k steps"

@@ -27,9 +27,9 @@ target), the controllers the state x (joint angles and velocities, fingertip -
 target and its velocity). Left out: BADMM GPS, PILQR, smoothed exploration
 noise, the reference's LQR-based initialisation (we start from zero gains,
 its init_pd without gains), images.
-Status (docs/gps.md, Reacher-v5, 10 iterations): LQR-FLM final distance 0.019
-on seeds 1-3 (target 0.02; its step cap was tuned on them), 0.042 on seeds 4-6;
-the MDGPS global policy 0.079 (target 0.03, not met).
+Status (docs/gps.md, Reacher-v5, 10 iterations, seeds 1-6): LQR-FLM final
+distance 0.031 (target 0.02; 0.013 after 13 iterations), the MDGPS global
+policy 0.090 (target 0.03; 0.066 after 20 iterations): both targets not met.
 
 Run:
     python -m algos.gps                          # MDGPS on Reacher-v5, 4 conditions

@@ -10,10 +10,12 @@ PyBullet reacher, ReacherBulletEnv-v0, for 300k steps (mean return 18.06 +-
 9.73); GPS uses 10,000 real steps here. The tasks differ (random targets there,
 4 fixed conditions here), so only the orders of magnitude compare.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.gps
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.gps --seeds 1 2 3 4 5 6
     python -m benchmarks.gps --seeds 1 --algorithms lqr_flm
+    python -m benchmarks.gps --iterations 20     # past the issue's budget
 
-Writes benchmarks/results/gps.json and benchmarks/plots/gps.png.
+Writes benchmarks/results/gps.json and benchmarks/plots/gps.png (gps_<N>it.*
+for a budget of N != 10 iterations).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ LABELS = {"local": "samples", "local_mean": "mean controllers",  # mdgps samples
           "global_train": "global policy, training", "global_test": "global policy, held-out"}
 
 
-def run(algorithm: str, seeds: list[int]) -> dict:
+def run(algorithm: str, seeds: list[int], iterations: int) -> dict:
     runs = []
     for seed in seeds:
         out = {}
@@ -57,7 +59,9 @@ def run(algorithm: str, seeds: list[int]) -> dict:
             cwd = os.getcwd()
             os.chdir(tmp)  # keep runs/ out of the repository
             try:
-                res = gps.main(gps.Args(seed=seed, algorithm=algorithm))
+                args = gps.Args(seed=seed, algorithm=algorithm)
+                args.total_timesteps = iterations * args.conditions * args.num_samples * args.horizon
+                res = gps.main(args)
             finally:
                 os.chdir(cwd)
         hist = res["history"]
@@ -83,13 +87,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", nargs="+", default=["mdgps", "lqr_flm"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (10,000 real steps)")
     a = p.parse_args()
+    it, steps = a.iterations, a.iterations * 1000  # 4 conditions x 5 samples x T = 50 per iteration
+    out_name = "gps" if it == 10 else f"gps_{it}it"
+    target = {k: f"target <= {v}" + ("" if it == 10 else " (at 10 iterations)") for k, v in TARGETS.items()}
 
     results, headline = {}, []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"local": "-", "local_mean": "-.", "global_train": "--", "global_test": ":"}
     for algorithm in a.algorithms:
-        r = results[algorithm] = run(algorithm, a.seeds)
+        r = results[algorithm] = run(algorithm, a.seeds, it)
         x = r["runs"][0]["samples"]
         for name, ls in styles.items():
             if name in r["runs"][0]:
@@ -101,24 +109,24 @@ def main():
         s = r["summary"]
         sampled = "local controllers' noisy samples" if algorithm == "lqr_flm" else "noisy samples (global policy)"
         headline.append({
-            "algorithm": f"GPS ({algorithm})", "setting": "Reacher-v5, 4 conditions, T=50, 5 samples, 10 iterations",
+            "algorithm": f"GPS ({algorithm})", "setting": f"Reacher-v5, 4 conditions, T=50, 5 samples, {it} iterations",
             "metric": f"final fingertip distance of the {sampled}, mean over seeds",
-            "ours": round(s["local"]["final_mean"], 4), "reference": f"target <= {TARGETS['local']}",
+            "ours": round(s["local"]["final_mean"], 4), "reference": target["local"],
             "seeds": len(a.seeds), "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
         headline.append({
             "algorithm": f"GPS ({algorithm}) mean controllers",
-            "setting": "Reacher-v5, 4 conditions, after 10 iterations (10,000 training steps)",
+            "setting": f"Reacher-v5, 4 conditions, after {it} iterations ({steps:,} training steps)",
             "metric": "final fingertip distance, noise-free u = Kx + k, one run per condition, mean over seeds",
-            "ours": round(s["local_mean"]["final_mean"], 4), "reference": f"target <= {TARGETS['local']}",
+            "ours": round(s["local_mean"]["final_mean"], 4), "reference": target["local"],
             "seeds": len(a.seeds), "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
         if "global_train" in s:
             headline.append({
                 "algorithm": f"GPS ({algorithm}) global policy",
-                "setting": "Reacher-v5, 4 training conditions (held-out in 'results')",
+                "setting": f"Reacher-v5, 4 training conditions (held-out in 'results'), {it} iterations",
                 "metric": "final fingertip distance, deterministic policy, mean over seeds",
                 "ours": round(s["global_train"]["final_mean"], 4),
                 "held_out": round(s["global_test"]["final_mean"], 4),
-                "reference": f"target <= {TARGETS['global_train']}", "seeds": len(a.seeds),
+                "reference": target["global_train"], "seeds": len(a.seeds),
                 "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
     axes[0].axhline(TARGETS["local"], color="k", lw=1, ls="-.", label="target local 0.02")
     axes[0].axhline(TARGETS["global_train"], color="gray", lw=1, ls="-.", label="target global 0.03")
@@ -129,8 +137,8 @@ def main():
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, "gps")
-    save_results("gps", {"headline": headline, "results": results, "targets": TARGETS,
+    save_figure(fig, out_name)
+    save_results(out_name, {"headline": headline, "results": results, "targets": TARGETS,
                          "sac_reference": SAC_REFERENCE, "args": vars(a)})
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from functools import partial
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -38,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import backprop_through_model as btm  # noqa: E402
-from benchmarks.harness import mean_and_stderr, save_figure, save_results, timer  # noqa: E402
+from benchmarks.harness import mean_and_stderr, save_figure, save_results, scratch_dir, timer  # noqa: E402
 from common.envs import pendulum_reward  # noqa: E402
 
 HORIZONS = [5, 10, 20, 50, 100, 200]
@@ -47,13 +46,8 @@ GAMMAS = [btm.Args.gamma, 1.0]  # the training objective's discount, and none (t
 
 
 def train(seed: int, **kwargs) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cwd = os.getcwd()
-        os.chdir(tmp)  # keep runs/ out of the repository
-        try:
-            return btm.main(btm.Args(env_id="Pendulum-v1", seed=seed, **kwargs))
-        finally:
-            os.chdir(cwd)
+    with scratch_dir():
+        return btm.main(btm.Args(env_id="Pendulum-v1", seed=seed, **kwargs))
 
 
 @partial(jax.jit, static_argnames=("model", "policy", "horizon", "dynamics", "gamma"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -28,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import backprop_through_model as btm  # noqa: E402
-from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, timer  # noqa: E402
+from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, scratch_dir, timer  # noqa: E402
 
 SAC_REFERENCE = {
     "Pendulum-v1": {"return": -156.995, "std": 88.714, "steps": 20_000,
@@ -42,13 +41,8 @@ def run_env(env_id: str, seeds: list[int]) -> dict:
     runs = []
     for seed in seeds:
         out = {}
-        with tempfile.TemporaryDirectory() as tmp, timer(out):
-            cwd = os.getcwd()
-            os.chdir(tmp)  # keep runs/ out of the repository
-            try:
-                res = btm.main(btm.Args(env_id=env_id, seed=seed, total_timesteps=STEPS[env_id]))
-            finally:
-                os.chdir(cwd)
+        with scratch_dir(), timer(out):
+            res = btm.main(btm.Args(env_id=env_id, seed=seed, total_timesteps=STEPS[env_id]))
         hist = res["history"]
         runs.append({"seed": seed, "steps": [h["step"] for h in hist],
                      "eval_return": [h["eval/return"] for h in hist],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -34,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import gps  # noqa: E402
-from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, timer  # noqa: E402
+from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, scratch_dir, timer  # noqa: E402
 
 TARGETS = {"local": 0.02, "global_train": 0.03}
 SAC_REFERENCE = {"steps": 300_000, "return": 18.062, "std": 9.729,
@@ -55,15 +54,10 @@ def run(algorithm: str, seeds: list[int], iterations: int) -> dict:
     runs = []
     for seed in seeds:
         out = {}
-        with tempfile.TemporaryDirectory() as tmp, timer(out):
-            cwd = os.getcwd()
-            os.chdir(tmp)  # keep runs/ out of the repository
-            try:
-                args = gps.Args(seed=seed, algorithm=algorithm)
-                args.total_timesteps = iterations * args.conditions * args.num_samples * args.horizon
-                res = gps.main(args)
-            finally:
-                os.chdir(cwd)
+        with scratch_dir(), timer(out):
+            args = gps.Args(seed=seed, algorithm=algorithm)
+            args.total_timesteps = iterations * args.conditions * args.num_samples * args.horizon
+            res = gps.main(args)
         hist = res["history"]
         r = {"seed": seed, "samples": [h["samples"] for h in hist], "wall_seconds": out["wall_seconds"]}
         for name, key in KEYS.items():

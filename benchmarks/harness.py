@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,19 @@ def timer(out: dict, key: str = "wall_seconds"):
         yield out
     finally:
         out[key] = time.perf_counter() - start
+
+
+@contextmanager
+def scratch_dir():
+    """`with scratch_dir(): algo.main(args)` runs in a temporary working
+    directory, so the algorithm's runs/ folder stays out of the repository."""
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            yield tmp
+        finally:
+            os.chdir(cwd)
 
 
 def machine() -> dict:

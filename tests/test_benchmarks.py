@@ -1,6 +1,7 @@
 """The benchmark harness and the README results table."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -25,3 +26,16 @@ def test_mean_and_stderr_and_grid():
     np.testing.assert_allclose(mean, [2.0, 4.0])
     np.testing.assert_allclose(se, [1.0, 2.0])  # std (ddof 1) / sqrt(2)
     assert harness.grid(n=[0, 5], env=["a"]) == [{"n": 0, "env": "a"}, {"n": 5, "env": "a"}]
+
+
+def test_scratch_dir_keeps_run_folders_out_of_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        with harness.scratch_dir() as scratch:
+            assert Path.cwd() == Path(scratch).resolve()
+            Path("runs").mkdir()  # what an algorithm's Run does
+            raise RuntimeError("the algorithm failed")
+    except RuntimeError:
+        pass
+    assert Path.cwd() == tmp_path.resolve()  # restored even after an error
+    assert not (tmp_path / "runs").exists() and not Path(scratch).exists()

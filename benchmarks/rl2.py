@@ -199,8 +199,9 @@ DUAN = {
 # Each setting: env id, n, and the RL² flags (algos/rl2.py Args) it trains with.
 SETTINGS = {
     "bandit-5-10": ("BernoulliBandit5-v0", 10, dict(total_timesteps=1_024_000, eval_interval=128_000)),
-    "bandit-5-100": ("BernoulliBandit5-v0", 100, dict(hidden_size=128, meta_batch=128,
-                                                       total_timesteps=5_120_000, eval_interval=512_000)),
+    "bandit-5-100": ("BernoulliBandit5-v0", 100, dict(hidden_size=64, meta_batch=128, learning_rate=3e-3,
+                                                       ent_coef=0.05, anneal=True,
+                                                       total_timesteps=11_520_000, eval_interval=1_152_000)),
     "bandit-10-100": ("BernoulliBandit10-v0", 100, dict(hidden_size=64, meta_batch=128, learning_rate=3e-3,
                                                          ent_coef=0.05, anneal=True,
                                                          total_timesteps=11_520_000, eval_interval=1_152_000)),

@@ -211,10 +211,12 @@ SETTINGS = {
     "mdp-10": ("RandomMDP-v0", 10, dict(hidden_size=128, meta_batch=512, num_minibatches=8, learning_rate=3e-3,
                                         ent_coef=0.01, anneal=True, time_input=True,
                                         total_timesteps=17_920_000, eval_interval=1_792_000)),
-    "mdp-25": ("RandomMDP-v0", 25, dict(hidden_size=128, meta_batch=64,
-                                        total_timesteps=8_000_000, eval_interval=800_000)),
-    "mdp-50": ("RandomMDP-v0", 50, dict(hidden_size=128, meta_batch=64,
-                                        total_timesteps=16_000_000, eval_interval=1_600_000)),
+    "mdp-25": ("RandomMDP-v0", 25, dict(hidden_size=128, meta_batch=256, num_minibatches=4, learning_rate=3e-3,
+                                        ent_coef=0.01, anneal=True, time_input=True,
+                                        total_timesteps=17_920_000, eval_interval=1_792_000)),
+    "mdp-50": ("RandomMDP-v0", 50, dict(hidden_size=128, meta_batch=128, num_minibatches=2, learning_rate=3e-3,
+                                        ent_coef=0.01, anneal=True, time_input=True,
+                                        total_timesteps=12_800_000, eval_interval=1_280_000)),
 }
 
 

@@ -69,7 +69,7 @@ from jax.scipy.linalg import cho_solve, cholesky
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import multivariate_normal
 
-from common.envs import make_conditions_env
+from common.envs import evaluate_conditions, make_conditions_env, rollout_condition
 from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
 
 
@@ -460,36 +460,15 @@ def s_step(state: TrainState, key, obs, target_mu, target_prec, steps: int, batc
 
 
 # --------------------------------------------------------------------------
-# Real-environment sampling (the only Python loop: the env stands for the robot)
+# Real-environment sampling (common/envs.py rollout_condition: the only Python
+# loop, the env stands for the robot)
 # --------------------------------------------------------------------------
-def rollout(env, condition: int, T: int, act, seed: int):
-    """One trajectory from an exact reset; act(x, o, t) -> u. Records the
-    applied (clipped) action. Returns X (T, dX), U (T, dU), observations (T, dO)."""
-    obs, info = env.reset(seed=seed, options={"condition": condition})
-    low, high = env.action_space.low, env.action_space.high
-    xs, us, obses = [], [], []
-    for t in range(T):
-        x = info["state"]
-        u = np.clip(act(x, obs, t), low, high)
-        xs.append(x), us.append(u), obses.append(np.asarray(obs, np.float64))
-        obs, _, _, _, info = env.step(u.astype(env.action_space.dtype))
-    return np.stack(xs), np.stack(us), np.stack(obses)
-
-
 def controller_act(K, k, L=None, noise=None):
     """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU)); the mean
     controller if noise is None."""
     if noise is None:
         return lambda x, o, t: K[t] @ x + k[t]
     return lambda x, o, t: K[t] @ x + k[t] + L[t] @ noise[t]
-
-
-def evaluate(env, conds, T: int, acts, seed: int):
-    """One run per condition conds[i] with acts[i]: mean final distance and mean trajectory cost."""
-    runs = [rollout(env, c, T, act, seed) for c, act in zip(conds, acts, strict=True)]
-    xs, us = (jnp.asarray(np.stack([r[i] for r in runs]), jnp.float32) for i in (0, 1))
-    cs = jax.vmap(jax.vmap(env.cost))(xs, us, jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))
-    return float(jax.vmap(env.distance)(xs[:, -1]).mean()), float(cs.sum(-1).mean())
 
 
 def validate(args: Args):
@@ -581,7 +560,7 @@ def main(args: Args) -> dict:
                 eps = rng.standard_normal((T, dU))
                 act = (policy_act(np.sqrt(pol_var) * eps) if on_policy and prev is not None
                        else controller_act(Kn[m], kn[m], Ln[m], eps))
-                X[m, n], U[m, n], Ob[m, n] = rollout(env, m, T, act, seed=int(rng.integers(2**31)))
+                X[m, n], U[m, n], Ob[m, n] = rollout_condition(env, m, T, act, seed=int(rng.integers(2**31)))
         slot = [(it * N + n) % S for n in range(N)]
         for name, arr in (("X", X), ("U", U), ("Ob", Ob)):
             buf[name][:, slot] = arr
@@ -621,12 +600,12 @@ def main(args: Args) -> dict:
                     prev_obj = np.asarray(est_M(prev["ctrl"], prev["dyn"], prev["cost"]))
                     predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"]))
                     actual = prev_obj - np.asarray(est_M(ctrl, dyn, cost))
-                else:  # "mc" rule: the samples' mean costs in place of the linearisations' estimates
-                    laplace = args.step_rule == "laplace"
-                    prev_obj = np.asarray(est_M(prev["pol_lin"], prev["dyn"], prev["cost"])).mean() if laplace \
-                        else prev["mc"]
+                else:  # previous vs current policy cost: linearisations' estimates, or the samples' ("mc")
+                    prev_obj, cur_obj = (prev["mc"], mc_cost) if args.step_rule == "mc" else (
+                        np.asarray(est_M(prev["pol_lin"], prev["dyn"], prev["cost"])).mean(),
+                        np.asarray(est_M(pol_lin, dyn, cost)).mean())
                     predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"])).mean()
-                    actual = prev_obj - (np.asarray(est_M(pol_lin, dyn, cost)).mean() if laplace else mc_cost)
+                    actual = prev_obj - cur_obj
             step_mult = new_step_mult(step_mult, predicted, actual, *mult_range)
             metrics.update({"predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual)})
 
@@ -655,7 +634,7 @@ def main(args: Args) -> dict:
         # The noise-free mean controllers u = K x + k, one evaluation run per
         # condition (real steps, but not training samples: nothing is fitted on them).
         Kc, kc = np.asarray(ctrl.K), np.asarray(ctrl.k)
-        metrics["local/mean_controller_final_distance"], _ = evaluate(
+        metrics["local/mean_controller_final_distance"], _ = evaluate_conditions(
             env, range(M), T, [controller_act(Kc[m], kc[m]) for m in range(M)], args.seed)
         metrics.update({"iteration": it + 1, "local/final_distance": final.mean(),
                         "local/final_distance_per_condition": final.reshape(M, N).mean(1).round(4),
@@ -666,7 +645,7 @@ def main(args: Args) -> dict:
         if args.algorithm == "mdgps" and ((it + 1) % args.eval_interval == 0 or it + 1 == iterations):
             for name, conds in (("train", range(M)), ("test", test_conds)):
                 if conds:
-                    metrics[f"global/{name}_final_distance"], metrics[f"global/{name}_cost"] = evaluate(
+                    metrics[f"global/{name}_final_distance"], metrics[f"global/{name}_cost"] = evaluate_conditions(
                         env, conds, T, [policy_act(np.zeros((T, dU)))] * len(conds), args.seed)
         run.log(metrics, samples)
         history.append({k: np.asarray(v).tolist() for k, v in metrics.items()} | {"samples": samples,

@@ -83,7 +83,9 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (10,000 real steps)")
     a = p.parse_args()
-    it, steps = a.iterations, a.iterations * 1000  # 4 conditions x 5 samples x T = 50 per iteration
+    defaults = gps.Args()
+    it = a.iterations
+    steps = it * defaults.conditions * defaults.num_samples * defaults.horizon
     out_name = "gps" if it == 10 else f"gps_{it}it"
     target = {k: f"target <= {v}" + ("" if it == 10 else " (at 10 iterations)") for k, v in TARGETS.items()}
 

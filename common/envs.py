@@ -283,6 +283,7 @@ def task_family_of(env: gym.Env):
 #                                    i >= num_train: held-out conditions;
 #   info["state"] after reset and step: the controllers' state x (numpy);
 #   cost(x, u, final) and distance(x): JAX functions of one state/action.
+# rollout_condition and evaluate_conditions (end of this file) run one.
 # The global policy sees the env's ordinary observation (input remapping).
 # The cost is the quadratic-plus-log distance cost of cbfinn/gps
 # (cost_utils.evallogl2term: 0.5 l2 d^2 + 0.5 l1 log(alpha + d^2)) at every
@@ -422,3 +423,28 @@ def make_conditions_env(env_id: str, render_mode: str | None = None) -> gym.Wrap
     one-line error for an env without one."""
     conditions = _lookup(GPS_CONDITIONS, env_id, "exact state reset (GPS conditions)")
     return conditions(gym.make(env_id, render_mode=render_mode))
+
+
+def rollout_condition(env, condition: int, T: int, act, seed: int):
+    """One trajectory of a conditions env from the exact reset of `condition`; act(x, o, t) -> u. Records the
+    applied (clipped) action. Returns X (T, dX), U (T, dU), observations (T, dO)."""
+    obs, info = env.reset(seed=seed, options={"condition": condition})
+    low, high = env.action_space.low, env.action_space.high
+    xs, us, obses = [], [], []
+    for t in range(T):
+        x = info["state"]
+        u = np.clip(act(x, obs, t), low, high)
+        xs.append(x), us.append(u), obses.append(np.asarray(obs, np.float64))
+        obs, _, _, _, info = env.step(u.astype(env.action_space.dtype))
+    return np.stack(xs), np.stack(us), np.stack(obses)
+
+
+def evaluate_conditions(env, conds, T: int, acts, seed: int):
+    """One run per condition conds[i] with acts[i]: mean final distance and mean trajectory cost."""
+    import jax
+    import jax.numpy as jnp
+
+    runs = [rollout_condition(env, c, T, act, seed) for c, act in zip(conds, acts, strict=True)]
+    xs, us = (jnp.asarray(np.stack([r[i] for r in runs]), jnp.float32) for i in (0, 1))
+    cs = jax.vmap(jax.vmap(env.cost))(xs, us, jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))
+    return float(jax.vmap(env.distance)(xs[:, -1]).mean()), float(cs.sum(-1).mean())

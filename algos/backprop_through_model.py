@@ -63,7 +63,8 @@ from flax.training.train_state import TrainState
 from gymnasium.envs.phys2d.pendulum import PendulumFunctional
 from jax.flatten_util import ravel_pytree
 
-from common.envs import check_env_id, make_env, reward_function
+from common.envs import check_env_id, make_env
+from common.envs.model_fns import reward_function
 from common.experiment import (
     CommonArgs,
     Run,

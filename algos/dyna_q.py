@@ -74,7 +74,7 @@ from common.experiment import (
     save_checkpoint,
     seed_everything,
 )
-from common.jax_envs import func_env_of
+from common.jax_envs.adapter import func_env_of
 
 
 @dataclasses.dataclass

@@ -69,7 +69,7 @@ from jax.scipy.linalg import cho_solve, cholesky
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import multivariate_normal
 
-from common.envs import evaluate_conditions, make_conditions_env, rollout_condition
+from common.envs.conditions import evaluate_conditions, make_conditions_env, rollout_condition
 from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
 
 

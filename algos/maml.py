@@ -69,7 +69,8 @@ import tyro
 from gymnasium import spaces
 from jax.flatten_util import ravel_pytree
 
-from common.envs import TaskFamily, make_env, task_family_of
+from common.envs import make_env
+from common.envs.mujoco_tasks import TaskFamily, task_family_of
 from common.experiment import (
     CommonArgs,
     Run,
@@ -79,7 +80,7 @@ from common.experiment import (
     save_checkpoint,
     seed_everything,
 )
-from common.jax_envs import func_env_of, is_task_family
+from common.jax_envs.adapter import func_env_of, is_task_family
 
 
 @dataclasses.dataclass

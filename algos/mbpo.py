@@ -58,7 +58,8 @@ from flax.training.train_state import TrainState
 
 from common import ensembles as ens
 from common.buffers import ReplayBuffer
-from common.envs import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, check_env_id, make_env, never_terminated
+from common.envs import check_env_id, make_env
+from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, never_terminated
 from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
 
 # The paper's per-env settings (jannerm/mbpo examples/config/*/0.py): G updates per env

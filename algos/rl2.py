@@ -74,7 +74,7 @@ from jax.flatten_util import ravel_pytree
 
 from common.envs import make_env
 from common.experiment import CommonArgs, Run, check_finite, fail, save_checkpoint, seed_everything
-from common.jax_envs import func_env_of, is_task_family
+from common.jax_envs.adapter import func_env_of, is_task_family
 
 
 @dataclasses.dataclass

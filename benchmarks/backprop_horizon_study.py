@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from algos import backprop_through_model as btm  # noqa: E402
 from benchmarks.harness import mean_and_stderr, save_figure, save_results, scratch_dir, timer  # noqa: E402
-from common.envs import pendulum_reward  # noqa: E402
+from common.envs.model_fns import pendulum_reward  # noqa: E402
 
 HORIZONS = [5, 10, 20, 50, 100, 200]
 DYNAMICS = ["learned", "true"]

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from algos import dyna_q as dq  # noqa: E402
 from benchmarks.harness import mean_and_stderr, plot_curve, save_figure, save_results  # noqa: E402
-from common.jax_envs import (  # noqa: E402
+from common.jax_envs.mazes import (  # noqa: E402
     BLOCKING_MAZE,
     BLOCKING_MAZE_AFTER,
     DYNA_MAZE,

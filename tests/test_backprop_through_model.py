@@ -1,4 +1,4 @@
-"""Tests of algos/backprop_through_model.py and its reward functions in common/envs.py.
+"""Tests of algos/backprop_through_model.py and its reward functions in common/envs/model_fns.py.
 
 Math: the differentiable rewards and the JAX pendulum against the real envs,
 jax.grad of the imagined return against finite differences and against the
@@ -20,7 +20,7 @@ from cli import run_algo
 from flax.training.train_state import TrainState
 
 from algos import backprop_through_model as btm
-from common.envs import pendulum_reward, reacher_reward, reward_function
+from common.envs.model_fns import pendulum_reward, reacher_reward, reward_function
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Run plumbing (common/experiment.py), make_env (common/envs.py) and the replay
+"""Run plumbing (common/experiment.py), make_env (common/envs/__init__.py) and the replay
 buffer (common/buffers.py)."""
 
 import dataclasses

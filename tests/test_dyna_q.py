@@ -9,7 +9,7 @@ from cli import run_algo
 from flax import serialization
 
 from algos import dyna_q as dq
-from common.jax_envs import (
+from common.jax_envs.mazes import (
     DYNA_MAZE,
     SHORTCUT_MAZE,
     SHORTCUT_MAZE_AFTER,

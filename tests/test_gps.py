@@ -1,4 +1,4 @@
-"""Tests of algos/gps.py and its conditions envs in common/envs.py.
+"""Tests of algos/gps.py and its conditions envs in common/envs/conditions.py.
 
 Math: the KL-constrained backward pass against a plain finite-horizon Riccati
 recursion (both limits of eta and a finite eta), the dynamics fit on a known
@@ -17,7 +17,7 @@ import pytest
 from cli import run_algo
 
 from algos import gps
-from common.envs import make_conditions_env
+from common.envs.conditions import make_conditions_env
 
 
 @pytest.fixture

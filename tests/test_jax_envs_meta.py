@@ -1,19 +1,21 @@
-"""Tests of the meta-RL task families in common/jax_envs.py."""
+"""Tests of the meta-RL task families in common/jax_envs/ (bandits_mdps.py, navigation.py)."""
 
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from common.jax_envs import BernoulliBandit, PointNav2D, RandomMDP, is_task_family
+from common.envs import make_env
+from common.jax_envs.adapter import is_task_family
+from common.jax_envs.bandits_mdps import BernoulliBandit, RandomMDP
+from common.jax_envs.navigation import PointNav2D
 
 
 @pytest.mark.parametrize("env_id, steps", [("BernoulliBandit5-v0", 1), ("RandomMDP-v0", 10),
                                            ("PointNav2D-v0", 100)])
 def test_registered_and_pass_gymnasium_checker(env_id, steps):
-    env = gym.make(env_id)
+    env = make_env(env_id)
     check_env(env.unwrapped, skip_render_check=False)
     assert is_task_family(env.unwrapped.func_env)
     env.reset(seed=0)
@@ -64,7 +66,7 @@ def test_tasks_change_rewards_and_dynamics_as_specified():
 
 
 def test_gymnasium_reset_with_task_option():
-    env = gym.make("BernoulliBandit2-v0")
+    env = make_env("BernoulliBandit2-v0")
     task = env.unwrapped.func_env.default_params._replace(means=jnp.array([0.0, 1.0]))
     env.reset(seed=0, options={"task": task})
     rewards = []

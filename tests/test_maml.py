@@ -197,7 +197,8 @@ def test_cli_smoke_and_bad_inputs(tmp_path):
 def test_mujoco_task_families_set_the_reward_and_pass_check_env(env_id):
     from gymnasium.utils.env_checker import check_env
 
-    from common.envs import make_env, task_family_of
+    from common.envs import make_env
+    from common.envs.mujoco_tasks import task_family_of
 
     env = make_env(env_id)
     family = task_family_of(env)

@@ -1,4 +1,4 @@
-"""The maze envs of common/jax_envs.py: dynamics, FuncEnv vs gymnasium, check_env."""
+"""The maze envs of common/jax_envs/mazes.py: dynamics, FuncEnv vs gymnasium, check_env."""
 
 import gymnasium as gym
 import jax
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from common import jax_envs
-from common.jax_envs import DYNA_MAZE, ChangingMaze, Maze, tabular_model
+from common import envs
+from common.jax_envs.adapter import JaxEnv
+from common.jax_envs.mazes import DYNA_MAZE, ChangingMaze, Maze, tabular_model
 
 UP, DOWN, RIGHT, LEFT = range(4)
 
@@ -61,7 +62,7 @@ def test_tabular_model_is_a_distribution_matching_the_dynamics():
 @pytest.mark.parametrize("success_prob", [1.0, 0.7])
 def test_func_env_and_gymnasium_env_agree(success_prob):
     """The gymnasium env is the FuncEnv stepped with the same keys."""
-    gym_env = jax_envs.JaxEnv(Maze(DYNA_MAZE, success_prob))
+    gym_env = JaxEnv(Maze(DYNA_MAZE, success_prob))
     func = Maze(DYNA_MAZE, success_prob)
     actions = np.random.default_rng(0).integers(0, 4, size=200)
     obs, _ = gym_env.reset(seed=3)
@@ -80,7 +81,7 @@ def test_func_env_and_gymnasium_env_agree(success_prob):
             break
 
 
-@pytest.mark.parametrize("env_id", sorted(jax_envs.REGISTERED))
+@pytest.mark.parametrize("env_id", sorted(envs.JAX_ENVS))
 def test_check_env_passes_for_every_registered_id(env_id):
     env = gym.make(env_id, render_mode="rgb_array")
     check_env(env.unwrapped, skip_render_check=False)

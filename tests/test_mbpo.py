@@ -1,4 +1,4 @@
-"""MBPO (algos/mbpo.py), its termination functions (common/envs.py) and the buffer
+"""MBPO (algos/mbpo.py), its termination functions (common/envs/model_fns.py) and the buffer
 methods it adds (common/buffers.py): math, parity with the real envs, rollouts,
 "it learns", CLI."""
 
@@ -12,7 +12,8 @@ from cli import run_algo
 from algos import mbpo
 from common import ensembles as ens
 from common.buffers import ReplayBuffer
-from common.envs import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, make_env
+from common.envs import make_env
+from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS
 
 # A state that is certainly unhealthy, pushed into the sim when random actions
 # rarely end an episode: (qpos index, value).

@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 from algos.rl2 import Args, config_from_args, ent_coef_at, gae, init_carry, main, make_network, rollout_trial, unroll
 from benchmarks.rl2 import bandit_trial, mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
 from common.experiment import load_checkpoint
-from common.jax_envs import BernoulliBandit, MDPParams, RandomMDP
+from common.jax_envs.bandits_mdps import BernoulliBandit, MDPParams, RandomMDP
 
 
 def tiny_config(env, **kw):

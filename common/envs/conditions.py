@@ -1,0 +1,193 @@
+"""Fixed initial conditions and costs for trajectory-centric methods.
+
+Guided policy search (algos/gps.py; PLATO next) trains local controllers from
+conditions the env must restore exactly. Here: the conditions envs of
+Reacher-v5 and PointMass-v0 (`make_conditions_env`), their cost
+(`gps_cost`), and the real-env loop that runs one (`rollout_condition`,
+`evaluate_conditions`).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+
+from common.envs import lookup
+from common.experiment import fail
+from common.jax_envs.navigation import PointMassParams
+
+# --------------------------------------------------------------------------
+# GPS conditions: exact resets, states and costs (Reacher-v5, PointMass-v0)
+# --------------------------------------------------------------------------
+# Guided policy search (algos/gps.py) trains one local controller per
+# *condition*: a fixed initial state and target that the env must restore
+# exactly each time, as a robot is put back into the same pose. A conditions
+# env is a wrapper with
+#   reset(options={"condition": i})  i < num_train: training conditions,
+#                                    i >= num_train: held-out conditions;
+#   info["state"] after reset and step: the controllers' state x (numpy);
+#   cost(x, u, final) and distance(x): JAX functions of one state/action.
+# rollout_condition and evaluate_conditions (end of this file) run one.
+# The global policy sees the env's ordinary observation (input remapping).
+# The cost is the quadratic-plus-log distance cost of cbfinn/gps
+# (cost_utils.evallogl2term: 0.5 l2 d^2 + 0.5 l1 log(alpha + d^2)) at every
+# step with l1 = 0.1, l2 = 10, plus a final-step-only log term (l1 = 1, l2 = 0)
+# weighted `final_weight` = 10, plus a torque penalty wu |u|^2: the structure
+# of the reference's arm examples (torque cost + CostFK + final-only CostFK).
+
+
+def gps_cost(dist_vec, u, final, l1=0.1, l2=10.0, alpha=1e-5, wu=1e-3, final_l1=1.0, final_weight=10.0):
+    """Quadratic-plus-log distance cost plus torque penalty, one step (JAX)."""
+    import jax.numpy as jnp
+
+    d2 = jnp.sum(dist_vec**2)
+    running = 0.5 * l2 * d2 + 0.5 * l1 * jnp.log(alpha + d2)
+    final_term = final_weight * 0.5 * final_l1 * jnp.log(alpha + d2)
+    return running + jnp.where(final, final_term, 0.0) + wu * jnp.sum(u**2)
+
+
+class ReacherConditions(gym.Wrapper):
+    """Reacher-v5 with fixed conditions: arm straight out at rest (qpos = 0,
+    qvel = 0), target at a fixed position per condition, restored exactly with
+    MuJoCo's set_state.
+
+    State x (8,): joint angles (2), joint velocities (2), fingertip - target
+    (x, y), fingertip velocity (x, y), as the reference code's arm state
+    (joint angles and velocities, end-effector points and velocities). The
+    fingertip enters the state so that the cost is a function of x alone.
+    Training targets lie on a circle of radius 0.15 at 45, 135, 225, 315
+    degrees; held-out targets at 0, 90, 180, 270 degrees (radius 0.12).
+    """
+
+    dim_state = 8
+    train_targets = [(0.15 * np.cos(a), 0.15 * np.sin(a)) for a in np.deg2rad([45, 135, 225, 315])]
+    test_targets = [(0.12 * np.cos(a), 0.12 * np.sin(a)) for a in np.deg2rad([0, 90, 180, 270])]
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.targets = np.array(self.train_targets + self.test_targets)
+        self.num_train = len(self.train_targets)
+
+    def reset(self, *, seed=None, options=None):
+        import mujoco
+
+        i = int((options or {}).get("condition", 0))
+        if not 0 <= i < len(self.targets):
+            fail(f"condition {i} out of range [0, {len(self.targets)})")
+        self.env.reset(seed=seed)
+        base = self.env.unwrapped
+        qpos = np.zeros(base.model.nq)
+        qpos[2:4] = self.targets[i]
+        base.set_state(qpos, np.zeros(base.model.nv))
+        mujoco.mj_forward(base.model, base.data)  # refresh body positions for obs
+        obs = base._get_obs()
+        return obs, {"state": self.state()}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["state"] = self.state()
+        return obs, reward, terminated, truncated, info
+
+    def state(self) -> np.ndarray:
+        import mujoco
+
+        base = self.env.unwrapped
+        model, data = base.model, base.data
+        mujoco.mj_kinematics(model, data)  # positions of the current qpos (mj_step leaves them one substep old)
+        mujoco.mj_comPos(model, data)
+        body = model.body("fingertip").id
+        jacp = np.zeros((3, model.nv))
+        mujoco.mj_jacBody(model, data, jacp, None, body)
+        tip = data.xpos[body][:2]
+        tip_vel = (jacp @ data.qvel)[:2]
+        target = data.qpos[2:4]
+        return np.concatenate([data.qpos[:2], data.qvel[:2], tip - target, tip_vel]).astype(np.float64)
+
+    @staticmethod
+    def distance(x):
+        import jax.numpy as jnp
+
+        return jnp.sqrt(jnp.sum(x[4:6] ** 2))
+
+    @staticmethod
+    def cost(x, u, final):
+        # wu = 0.1: with gear 200 a torque of 0.1 turns the arm 2 rad in half a
+        # second; a weaker penalty gives high-gain controllers whose actions
+        # saturate at +-1, where the fitted linear dynamics stop holding.
+        return gps_cost(x[4:6], u, final, wu=0.1)
+
+
+class PointMassConditions(gym.Wrapper):
+    """PointMass-v0 (common/jax_envs/navigation.py) with fixed start positions; the target
+    is the origin. State x (4,) = (position, velocity), which is also the
+    observation; a condition is the FuncEnv's task (its start). The cost is
+    quadratic: 5 |p|^2 + 0.01 |u|^2 per step."""
+
+    dim_state = 4
+    train_starts = [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)]
+    test_starts = [(0.7, 0.7), (-0.7, -0.7)]
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.starts = np.array(self.train_starts + self.test_starts, np.float32)
+        self.num_train = len(self.train_starts)
+
+    def reset(self, *, seed=None, options=None):
+        i = int((options or {}).get("condition", 0))
+        if not 0 <= i < len(self.starts):
+            fail(f"condition {i} out of range [0, {len(self.starts)})")
+        task = PointMassParams(np.asarray(self.starts[i]))
+        obs, info = self.env.reset(seed=seed, options={"task": task})
+        return obs, {**info, "state": np.asarray(obs, np.float64)}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        info["state"] = np.asarray(obs, np.float64)
+        return obs, reward, terminated, truncated, info
+
+    @staticmethod
+    def distance(x):
+        import jax.numpy as jnp
+
+        return jnp.sqrt(jnp.sum(x[:2] ** 2))
+
+    @staticmethod
+    def cost(x, u, final):
+        # Purely quadratic (no log terms): with linear dynamics this is an exact
+        # LQR problem, which LQR-FLM must solve in a few iterations.
+        return gps_cost(x[:2], u, final, l1=0.0, final_l1=0.0, wu=1e-2)
+
+
+GPS_CONDITIONS = {"Reacher-v5": ReacherConditions, "PointMass-v0": PointMassConditions}
+
+
+def make_conditions_env(env_id: str, render_mode: str | None = None) -> gym.Wrapper:
+    """The conditions env of `env_id` (exact state reset per condition), or a
+    one-line error for an env without one."""
+    conditions = lookup(GPS_CONDITIONS, env_id, "exact state reset (GPS conditions)", "common/envs/conditions.py")
+    return conditions(gym.make(env_id, render_mode=render_mode))
+
+
+def rollout_condition(env, condition: int, T: int, act, seed: int):
+    """One trajectory of a conditions env from the exact reset of `condition`; act(x, o, t) -> u. Records the
+    applied (clipped) action. Returns X (T, dX), U (T, dU), observations (T, dO)."""
+    obs, info = env.reset(seed=seed, options={"condition": condition})
+    low, high = env.action_space.low, env.action_space.high
+    xs, us, obses = [], [], []
+    for t in range(T):
+        x = info["state"]
+        u = np.clip(act(x, obs, t), low, high)
+        xs.append(x), us.append(u), obses.append(np.asarray(obs, np.float64))
+        obs, _, _, _, info = env.step(u.astype(env.action_space.dtype))
+    return np.stack(xs), np.stack(us), np.stack(obses)
+
+
+def evaluate_conditions(env, conds, T: int, acts, seed: int):
+    """One run per condition conds[i] with acts[i]: mean final distance and mean trajectory cost."""
+    import jax
+    import jax.numpy as jnp
+
+    runs = [rollout_condition(env, c, T, act, seed) for c, act in zip(conds, acts, strict=True)]
+    xs, us = (jnp.asarray(np.stack([r[i] for r in runs]), jnp.float32) for i in (0, 1))
+    cs = jax.vmap(jax.vmap(env.cost))(xs, us, jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))
+    return float(jax.vmap(env.distance)(xs[:, -1]).mean()), float(cs.sum(-1).mean())

@@ -76,7 +76,7 @@ from common.experiment import (
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "Pendulum-v1"
     """Pendulum-v1 or Reacher-v5 (the envs with a differentiable reward in common/envs.py)"""

@@ -77,7 +77,7 @@ from common.experiment import (
 from common.jax_envs.adapter import func_env_of
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "DynaMaze-v0"
     """a pure-JAX env with Discrete observations and actions (DynaMaze-v0,

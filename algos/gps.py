@@ -73,7 +73,7 @@ from common.envs.conditions import evaluate_conditions, make_conditions_env, rol
 from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "Reacher-v5"
     """a conditions env of common/envs.py (exact state reset): Reacher-v5 or PointMass-v0"""

@@ -83,7 +83,7 @@ from common.experiment import (
 from common.jax_envs.adapter import func_env_of, is_task_family
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "PointNav2D-v0"
     """a task family: PointNav2D-v0 (pure JAX), HalfCheetahDir-v0, HalfCheetahVel-v0, AntDir-v0 (MuJoCo)"""

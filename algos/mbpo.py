@@ -83,7 +83,7 @@ OTHER_ENV = dict(num_updates=20, target_entropy=None, rollout_schedule=(20, 150,
                  random_steps=5000, model_hidden=200, budget=None)  # target entropy None: -act_dim
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "InvertedPendulum-v5"
     """gymnasium env with a Box action space; the paper's settings are used for InvertedPendulum,
@@ -338,13 +338,11 @@ def act(actor_apply, actor_params, obs, key, deterministic: bool = False):
 def resolve(args: Args, act_dim: int) -> Args:
     """Fill the fields left None with the paper's values for --env-id."""
     paper = PAPER_CONFIGS.get(args.env_id, OTHER_ENV)
-    out = dataclasses.replace(args)
-    for name in ("num_updates", "target_entropy", "rollout_schedule", "epoch_length", "random_steps",
-                 "model_hidden"):
-        if getattr(out, name) is None:
-            setattr(out, name, paper[name])
+    filled = {name: paper[name] for name in ("num_updates", "target_entropy", "rollout_schedule", "epoch_length",
+                                             "random_steps", "model_hidden") if getattr(args, name) is None}
+    out = dataclasses.replace(args, **filled)
     if out.target_entropy is None:
-        out.target_entropy = -float(act_dim)  # the usual SAC heuristic
+        out = dataclasses.replace(out, target_entropy=-float(act_dim))  # the usual SAC heuristic
     return out
 
 

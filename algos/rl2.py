@@ -77,7 +77,7 @@ from common.experiment import CommonArgs, Run, check_finite, fail, save_checkpoi
 from common.jax_envs.adapter import func_env_of, is_task_family
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "BernoulliBandit5-v0"
     """a pure-JAX task family: BernoulliBandit{2,5,10,50}-v0, RandomMDP-v0, PointNav2D-v0"""

@@ -1,22 +1,37 @@
-"""Run plumbing shared by every script: common flags, run directory, metrics,
-wandb, checkpoints, divergence checks, video, and one-line errors.
+"""Run plumbing shared by every script: the command line, the run directory,
+metrics, wandb, resumable checkpoints, phase timers, and one-line errors.
 
 Nothing here knows about any algorithm. A script does:
 
-    args = tyro.cli(Args)                  # Args subclasses CommonArgs
-    run = Run(args)                        # runs/<env>__<exp>__<seed>__<time>/
-    run.log({"eval/return": 0.9}, step)    # stdout + metrics.jsonl (+ wandb)
-    save_checkpoint(run.dir / "model.msgpack", params)
-    run.close()
+    def main(args: Args):
+        validate(args)                          # check_ranges(...), fail(...) (common/checks.py)
+        run = Run(args)                         # runs/<env>__<exp>__<seed>__<time>__<id>/, or --resume's
+        state = run.restore(initial_state)      # the checkpoint's state on --resume, else initial_state
+        for step in range(run.start_step + 1, args.total_timesteps + 1):
+            with run.timed("update"): ...
+            run.log({"eval/return": 0.9}, step) # stdout + metrics.jsonl (+ wandb)
+            if run.checkpoint_due(step):
+                run.save(state, step)           # everything needed to continue, atomically
+        run.close()
+
+    if __name__ == "__main__":
+        cli(Args, main)                         # tyro, with one-line errors and --resume
+
+A run killed at any moment (even `kill -9`) and continued with
+`--resume runs/<run>` loses nothing before its last checkpoint and, on the same
+CPU, writes the same metrics after it as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import secrets
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,44 +39,19 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
 
-
-# --------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------
-class BadInput(SystemExit):
-    """Bad input from the user. Python prints the message and exits with
-    status 1, without a traceback."""
-
-
-def fail(message: str) -> None:
-    """Stop with a clear one-line error: `error: <message>`."""
-    raise BadInput(f"error: {message}")
-
-
-class Divergence(SystemExit):
-    """A training quantity became NaN or infinite (exit status 1, one line)."""
-
-
-def check_finite(step: int, **quantities: Any) -> None:
-    """Stop with `Divergence` naming the step and the first non-finite quantity."""
-    for name, value in quantities.items():
-        bad = ~np.isfinite(np.asarray(jax.device_get(value), dtype=np.float64))
-        if bad.any():
-            raise Divergence(
-                f"error: training diverged at step {step}: '{name}' is not finite "
-                f"({int(bad.sum())} of {bad.size} values)"
-            )
+from common.checkpoints import load_checkpoint, read_checkpoint, restore_into, save_checkpoint  # noqa: F401
+from common.checks import BadInput, Divergence, check_common, check_finite, fail, flag  # noqa: F401
 
 
 # --------------------------------------------------------------------------
 # Common command-line flags
 # --------------------------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class CommonArgs:
-    """Flags every script shares. An algorithm's `Args` subclasses this and may
-    change the defaults (redeclare a field with a new default)."""
+    """Flags every script shares. An algorithm's `Args` subclasses this (also
+    frozen, so it can be a static argument of jitted functions) and may change
+    the defaults (redeclare a field with a new default)."""
 
     exp_name: str = "exp"
     """name of the experiment (part of the run directory's name)"""
@@ -80,11 +70,17 @@ class CommonArgs:
     capture_video: bool = False
     """record evaluation episodes to runs/<run>/videos"""
     save_model: bool = False
-    """write a checkpoint (flax msgpack) to runs/<run>/ at the end"""
+    """also write the trained parameters alone to runs/<run>/ at the end (the resumable
+    runs/<run>/checkpoint.msgpack is always written)"""
     eval_interval: int = 10_000
     """evaluate every this many env steps"""
     eval_episodes: int = 10
     """episodes per evaluation"""
+    checkpoint_interval: int | None = None
+    """write runs/<run>/checkpoint.msgpack, everything needed to resume, every this many env
+    steps (None: at every evaluation); always at the end"""
+    resume: str | None = None
+    """continue the run in this directory from its last checkpoint, with its saved arguments"""
 
 
 def seed_everything(seed: int) -> jax.Array:
@@ -95,48 +91,131 @@ def seed_everything(seed: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
-# Run directory and metrics
+# Run directory, metrics and checkpoints
 # --------------------------------------------------------------------------
+CHECKPOINT = "checkpoint.msgpack"
+
+
 class Run:
-    """A run directory with metrics to stdout, `metrics.jsonl` and (if `--track`) wandb.
+    """A run directory with metrics to stdout, `metrics.jsonl` and (if `--track`)
+    wandb, and the run's resumable checkpoint.
 
     Each `log` call writes one JSON object with `global_step`, `time` (wall
-    seconds since the run started) and the given metrics.
+    seconds since the run started, counting earlier sessions of a resumed run)
+    and the given metrics; NaN and infinities are written as null, so every line
+    stays valid JSON. With `args.resume` the run continues in that directory:
+    metrics written after its checkpoint are dropped (they are written again).
     """
 
     def __init__(self, args, root: str | Path = "runs"):
         self.args = args
-        env = str(args.env_id).replace("/", "_")
-        self.name = f"{env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        self.dir = Path(root) / self.name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        config = dataclasses.asdict(args)
-        (self.dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
+        self.config = json.loads(json.dumps(dataclasses.asdict(args), default=str))
+        self.timings: dict[str, float] = {}  # cumulative wall seconds per phase (run.timed)
+        self.start_step, self._saved = 0, None
+        if args.resume:
+            self._reopen(Path(args.resume))
+        else:
+            self._create(Path(root))
         self._metrics = open(self.dir / "metrics.jsonl", "a")
-        self.start = time.time()
         self.wandb = None
         if args.track:
             import wandb  # imported only when asked for: it is slow to import
 
-            self.wandb = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                name=self.name,
-                config=config,
-                dir=str(self.dir),
-            )
-        print(f"run directory: {self.dir}", flush=True)
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=self.name,
+                                    config=self.config, dir=str(self.dir))
+        Divergence.last_checkpoint = ""
+        print(f"run directory: {self.dir}" + (f" (resumed at step {self.start_step})" if args.resume else ""),
+              flush=True)
+
+    def _create(self, root: Path) -> None:
+        env = str(self.args.env_id).replace("/", "_")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            while True:  # a random suffix: two runs started in the same second never share a folder
+                self.name = f"{env}__{self.args.exp_name}__{self.args.seed}__{int(time.time())}__{secrets.token_hex(2)}"
+                self.dir = root / self.name
+                try:
+                    self.dir.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            (self.dir / "args.json").write_text(json.dumps(self.config, indent=2))
+        except OSError as e:
+            fail(f"cannot create the run directory under '{root}': {e.strerror or e}")
+        self._rows, self.start = 0, time.time()
+
+    def _reopen(self, folder: Path) -> None:
+        if not (folder / "args.json").is_file():
+            fail(f"--resume: '{folder}' is not a run directory (no args.json)")
+        if not (folder / CHECKPOINT).is_file():
+            fail(f"--resume: '{folder}' has no {CHECKPOINT} (the run stopped before its first checkpoint)")
+        saved = json.loads((folder / "args.json").read_text())
+        for name, value in self.config.items():
+            if name != "resume" and saved.get(name, value) != value:
+                fail(f"--resume: {flag(name)} is {value} here but {saved.get(name)} in the saved run")
+        self.dir, self.name = folder, folder.name
+        self._saved = read_checkpoint(folder / CHECKPOINT)
+        meta = self._saved.get("run")
+        if not isinstance(meta, dict) or "step" not in meta:
+            fail(f"--resume: '{folder / CHECKPOINT}' is not a resumable checkpoint")
+        self.start_step, self._rows = int(meta["step"]), int(meta["metrics_rows"])
+        self.start = time.time() - float(meta["elapsed"])
+        self.timings = {k: float(v) for k, v in json.loads(meta["timings"]).items()}
+        random.setstate(_tuples(json.loads(meta["python_random"])))
+        np.random.set_state(_tuples(json.loads(meta["numpy_random"])))
+        metrics = folder / "metrics.jsonl"  # keep the rows written before the checkpoint
+        lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
+        metrics.write_text("".join(lines[: self._rows]))
+        Divergence.last_checkpoint = f"{folder / CHECKPOINT} (step {self.start_step})"
 
     def log(self, metrics: dict[str, Any], step: int, echo: bool = True) -> None:
         row = {"global_step": int(step), "time": round(time.time() - self.start, 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
-        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.write(json.dumps(row, allow_nan=False) + "\n")
         self._metrics.flush()
+        self._rows += 1
         if self.wandb is not None:
-            self.wandb.log(metrics, step=int(step))
+            self.wandb.log({k: v for k, v in row.items() if k != "global_step"}, step=int(step))
         if echo:
             parts = [f"step {int(step):>8d}"] + [f"{k} {_fmt(v)}" for k, v in row.items() if k != "global_step"]
             print(" | ".join(parts), flush=True)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        """Add the wall time of the block to `self.timings[phase]`. JAX dispatches
+        asynchronously: end the block with `jax.block_until_ready` on its output."""
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - tic
+
+    # ---------------------------------------------------------------- checkpoints
+    def checkpoint_due(self, step: int, previous: int | None = None) -> bool:
+        """Whether a checkpoint falls in (previous, step]: every --checkpoint-interval
+        steps, else at every --eval-interval. `previous` defaults to the last
+        checkpoint's step; pass it when steps advance in chunks (iterations)."""
+        every = self.args.checkpoint_interval or self.args.eval_interval
+        previous = self.start_step if previous is None else previous
+        return step // every > previous // every
+
+    def save(self, state: Any, step: int) -> Path:
+        """Write `state` (a pytree of arrays and strings: all the algorithm needs
+        to continue after `step`) with the run's own counters, atomically."""
+        meta = {"step": int(step), "metrics_rows": self._rows, "elapsed": time.time() - self.start,
+                "timings": json.dumps(self.timings), "python_random": json.dumps(random.getstate()),
+                "numpy_random": json.dumps(_lists(np.random.get_state()))}
+        path = save_checkpoint(self.dir / CHECKPOINT, {"state": state, "run": meta})
+        self.start_step = int(step)
+        Divergence.last_checkpoint = f"{path} (step {step})"
+        return path
+
+    def restore(self, template: Any) -> Any:
+        """On --resume, the checkpoint's state restored into `template`'s structure
+        (one-line error if it differs); otherwise `template` itself."""
+        if self._saved is None:
+            return template
+        return restore_into(template, self._saved["state"], self.dir / CHECKPOINT)
 
     def close(self) -> None:
         self._metrics.close()
@@ -145,18 +224,33 @@ class Run:
 
 
 def _plain(value):
+    """A JSON value: arrays to numbers or lists, NaN and infinities to None."""
     value = jax.device_get(value)
     if isinstance(value, np.ndarray):
-        return value.item() if value.size == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
+        value = value.item() if value.size == 1 else value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     return value
 
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
+        return f"{value:.4g}"
+    return "nan" if value is None else str(value)
+
+
+def _lists(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return [_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -166,24 +260,104 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 # --------------------------------------------------------------------------
-# Checkpoints (flax msgpack; never pickle)
+# The command line
 # --------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, target: Any) -> Path:
-    """Serialise a pytree (params, optimiser state, step...) with flax msgpack.
+def resume_args(args):
+    """The saved arguments of the run `args.resume` names. A flag given here
+    that differs from its default must agree with the saved value: a resumed
+    run keeps its configuration (one-line error otherwise)."""
+    folder = Path(args.resume)
+    try:
+        saved = json.loads((folder / "args.json").read_text())
+    except (OSError, ValueError):
+        fail(f"--resume: '{folder}' is not a run directory (no readable args.json)")
+    fields = {f.name: f for f in dataclasses.fields(args)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        fail(f"--resume: the saved run has arguments this script does not know: {', '.join(unknown)}")
+    saved = {k: _tuples(v) for k, v in saved.items() if k != "resume"}
+    for name, value in saved.items():
+        given, default = getattr(args, name), _default(fields[name])
+        if given != default and _tuples(json.loads(json.dumps(given, default=str))) != value:
+            fail(f"--resume: {flag(name)} {given} differs from the saved run's {value}")
+    return dataclasses.replace(args, **saved)
 
-    Written to a temporary file first and renamed, so a crash mid-write keeps
-    the last good checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(serialization.to_bytes(jax.device_get(target)))
-    os.replace(tmp, path)
-    return path
+
+def _default(field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
 
 
-def load_checkpoint(path: str | Path, template: Any) -> Any:
-    """Read a checkpoint into the structure of `template` (same tree, shapes)."""
-    return serialization.from_bytes(template, Path(path).read_bytes())
+def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = None):
+    """Parse the command line into `args_cls` and run `main(args)`, so that no user
+    input ends in a traceback: parser errors, bad values (check_common and the
+    script's validate) and divergence end with one line on stderr. An exception
+    that escapes `main` is reported in one line too, with where it was raised;
+    set JAX_MBRL_TRACEBACK=1 to see the whole traceback instead."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import tyro
+
+    module = sys.modules.get(main.__module__)
+    name = getattr(getattr(module, "__spec__", None), "name", None) or main.__module__
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured), redirect_stderr(captured):
+            args = tyro.cli(args_cls, args=argv, prog=f"python -m {name}", description=module.__doc__)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stdout.write(captured.getvalue())
+            raise
+        fail(_one_line(captured.getvalue()))
+    sys.stdout.write(captured.getvalue())
+    check_common(args)
+    if args.resume:
+        args = resume_args(args)
+    try:
+        return main(args)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        raise SystemExit("error: interrupted; continue with --resume RUN_DIR from the last checkpoint") from None
+    except Exception as e:
+        if os.environ.get("JAX_MBRL_TRACEBACK"):
+            raise
+        where = _origin(e)
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        raise SystemExit(f"error: {type(e).__name__}: {text}{where} (JAX_MBRL_TRACEBACK=1 shows the traceback)"
+                         ) from None
+
+
+def _one_line(text: str) -> str:
+    """tyro's boxed parser error as one line: the message block, plus the first
+    suggestion of a "Perhaps you meant" block."""
+    blocks, block = [], []
+    for line in text.splitlines():
+        s = line.strip().strip("│╭╮╰╯").strip()
+        if s and set(s) <= set("-─"):
+            blocks.append(block)
+            block = []
+        elif s:
+            block.append(s)
+    blocks.append(block)
+    message = " ".join(blocks[1] if len(blocks) > 1 and blocks[1] else blocks[0]) or "bad command line"
+    for b in blocks[2:]:
+        if b and b[0].startswith("Perhaps you meant") and len(b) > 1:
+            message += f"; perhaps you meant {b[1].split()[0]}"
+    return f"{message} (see --help)"
+
+
+def _origin(e: BaseException) -> str:
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        if "site-packages" not in tb.tb_frame.f_code.co_filename:
+            last = tb
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    return f" (at {Path(last.tb_frame.f_code.co_filename).name}:{last.tb_lineno})"
 
 
 # --------------------------------------------------------------------------
@@ -205,3 +379,7 @@ def record_video(env, policy: Callable[[Any], Any], folder: str | Path, episodes
                 break
     env.close()
     return folder
+
+
+__all__ = ["BadInput", "CommonArgs", "Divergence", "Run", "cli", "fail", "read_metrics", "record_video",
+           "resume_args", "seed_everything"]

@@ -1,5 +1,6 @@
-"""Run plumbing (common/experiment.py), make_env (common/envs/__init__.py) and the replay
-buffer (common/buffers.py)."""
+"""Run plumbing basics (common/experiment.py, common/checks.py,
+common/checkpoints.py), make_env (common/envs/__init__.py) and the replay buffer
+(common/buffers.py). Resume, divergence and input checks: tests/test_experiment.py."""
 
 import dataclasses
 import json
@@ -10,18 +11,10 @@ import numpy as np
 import pytest
 
 from common.buffers import ReplayBuffer
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.checks import BadInput, Divergence, check_finite, fail
 from common.envs import make_env
-from common.experiment import (
-    BadInput,
-    CommonArgs,
-    Divergence,
-    Run,
-    check_finite,
-    fail,
-    load_checkpoint,
-    read_metrics,
-    save_checkpoint,
-)
+from common.experiment import CommonArgs, Run, read_metrics
 
 
 # ----------------------------------------------------------------- errors
@@ -89,17 +82,18 @@ def test_checkpoint_round_trip(tmp_path):
     restored = load_checkpoint(path, template)
     assert restored["step"] == 12
     np.testing.assert_array_equal(restored["params"]["w"], target["params"]["w"])
-    assert not (tmp_path / "ckpt.msgpack.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.msgpack"]  # no temporary file left
 
 
 def test_common_args_can_be_specialised():
-    @dataclasses.dataclass
+    @dataclasses.dataclass(frozen=True)  # frozen: a static argument of jitted functions
     class Args(CommonArgs):
         env_id: str = "DynaMaze-v0"
         n: int = 5
 
     names = [f.name for f in dataclasses.fields(Args)]
     assert names[0] == "exp_name" and names[-1] == "n" and Args().env_id == "DynaMaze-v0"
+    assert hash(Args()) == hash(Args()) and Args() != Args(n=6)
 
 
 # ---------------------------------------------------------------- buffers

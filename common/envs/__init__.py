@@ -19,8 +19,8 @@ import difflib
 
 import gymnasium as gym
 
+from common.checks import fail
 from common.envs.mujoco_tasks import TASK_FAMILIES, TaskFamily
-from common.experiment import fail
 from common.jax_envs.adapter import JaxEnv
 from common.jax_envs.bandits_mdps import BernoulliBandit, RandomMDP
 from common.jax_envs.mazes import (

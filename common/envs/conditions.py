@@ -12,8 +12,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
+from common.checks import fail
 from common.envs import lookup
-from common.experiment import fail
 from common.jax_envs.navigation import PointMassParams
 
 # --------------------------------------------------------------------------

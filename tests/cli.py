@@ -71,7 +71,7 @@ def cli_error(module, *argv: str) -> str:
     """Run `module`'s command line in this process (`cli(module.Args, module.main)`,
     what `python -m` runs) and return its one-line error; fails the test if it
     did not stop, stopped with status 0, or printed anything on stderr."""
-    from common.experiment import cli
+    from common.command_line import cli
 
     err = io.StringIO()
     try:

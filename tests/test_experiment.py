@@ -29,8 +29,9 @@ from common.checks import (
     check_memory,
     check_ranges,
 )
+from common.command_line import _one_line, cli, resume_args
 from common.envs import make_env
-from common.experiment import CommonArgs, Run, _one_line, cli, read_metrics, resume_args
+from common.experiment import CommonArgs, Run, read_metrics
 
 
 def one_line(excinfo) -> str:

@@ -17,7 +17,7 @@ ensemble whose mean is used) predicting normalised state differences, trained
 by least squares; a deterministic tanh policy trained by gradient ascent on the
 return of imagined trajectories of horizon H, computed exactly by
 backpropagation through the model and the task's differentiable reward
-(common/envs.py). `--dynamics true` backpropagates through the true simulator
+(common/envs/model_fns.py). `--dynamics true` backpropagates through the true simulator
 instead (gymnasium's JAX pendulum): "if you have a simulator, you can compute
 gradients through it". `--grad-clip` clips the policy gradient's global norm.
 What is left out: PILCO's Gaussian-process model and moment matching (we use
@@ -29,6 +29,7 @@ Run:
     python -m algos.backprop_through_model --dynamics true      # through the simulator
     python -m algos.backprop_through_model --env-id Reacher-v5 --total-timesteps 5000
     python -m algos.backprop_through_model --horizon 200        # watch the gradient norm
+    python -m algos.backprop_through_model --resume runs/<run>  # continue a run from its checkpoint
 
 Algorithm (the lecture's box; the numbers mark the code below):
     [1] run a base policy (uniformly random actions) to collect D = {(s, a, s')}
@@ -47,6 +48,7 @@ Algorithm (the lecture's box; the numbers mark the code below):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from collections.abc import Callable
 from functools import partial
@@ -58,28 +60,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax.training.train_state import TrainState
 from gymnasium.envs.phys2d.pendulum import PendulumFunctional
 from jax.flatten_util import ravel_pytree
 
+from common.checkpoints import env_state, numpy_rng_state, save_checkpoint, set_env_state, set_numpy_rng_state
+from common.checks import check_finite, check_memory, check_ranges, fail
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import reward_function
-from common.experiment import (
-    CommonArgs,
-    Run,
-    check_finite,
-    fail,
-    record_video,
-    save_checkpoint,
-    seed_everything,
-)
+from common.experiment import CommonArgs, Run, cli, record_video, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "Pendulum-v1"
-    """Pendulum-v1 or Reacher-v5 (the envs with a differentiable reward in common/envs.py)"""
+    """Pendulum-v1 or Reacher-v5 (the envs with a differentiable reward in common/envs/model_fns.py)"""
     total_timesteps: int = 5000
     """total real env steps (random steps included)"""
     eval_interval: int = 200
@@ -136,7 +131,7 @@ class MLP(nn.Module):
         return nn.Dense(self.out)(x)
 
 
-class Normalizer(NamedTuple):
+class DeltaNormalizer(NamedTuple):
     """Statistics of D, recomputed each iteration. The net sees inputs of unit
     scale and predicts the *normalised difference* (s' - s - mu_d) / sigma_d:
     differences are small next to states, and unit-scale targets keep all state
@@ -157,16 +152,12 @@ class Data(NamedTuple):
     next_obs: jax.Array  # (N, obs_dim)
 
 
-class Config(NamedTuple):
-    """The static numbers the jitted phases are built for."""
+class Dims(NamedTuple):
+    """The sizes read from the env (Args holds everything else)."""
 
-    horizon: int
-    gamma: float
-    num_start_states: int
-    policy_steps: int
-    model_steps: int
-    model_batch_size: int
-    action_scale: float  # actions are action_scale * tanh(.)
+    obs_dim: int
+    act_dim: int
+    action_scale: float  # actions are action_scale * tanh(.), the Box's bound
 
 
 def make_policy(act_dim: int, hidden: int) -> MLP:
@@ -182,7 +173,7 @@ def policy_action(policy: MLP, params, obs, action_scale: float):
 # ----------------------------------------------------------------------------
 # [2] The dynamics model
 # ----------------------------------------------------------------------------
-def model_predict(model: MLP, params, norm: Normalizer, obs, action):
+def model_predict(model: MLP, params, norm: DeltaNormalizer, obs, action):
     """f(s, a) = s + mu_d + sigma_d * mean_e net_e((s, a) normalised).
 
     `params` has a leading ensemble axis E; obs (obs_dim,), action (act_dim,)."""
@@ -191,7 +182,7 @@ def model_predict(model: MLP, params, norm: Normalizer, obs, action):
     return obs + norm.delta_mean + norm.delta_std * out.mean(0)
 
 
-def model_loss(model: MLP, params, norm: Normalizer, obs, action, next_obs):
+def model_loss(model: MLP, params, norm: DeltaNormalizer, obs, action, next_obs):
     """Mean squared error of every member on normalised differences, summed over
     members (each member is fitted independently). obs (B, obs_dim)."""
     x = (jnp.concatenate([obs, action], -1) - norm.in_mean) / norm.in_std  # (B, in)
@@ -200,18 +191,18 @@ def model_loss(model: MLP, params, norm: Normalizer, obs, action, next_obs):
     return ((pred - target) ** 2).mean(axis=(1, 2)).sum()
 
 
-@partial(jax.jit, static_argnames=("model", "cfg"))
-def fit_model(model: MLP, cfg: Config, state: TrainState, norm: Normalizer, data: Data, n, key):
+@partial(jax.jit, static_argnames=("model", "args"))
+def fit_model(model: MLP, args: Args, state: TrainState, norm: DeltaNormalizer, data: Data, n, key):
     """[2] `model_steps` Adam steps on minibatches drawn (with replacement) from
     the first n rows of D: one jitted scan. Returns the state and mean loss."""
 
     def step(state, k):
-        idx = jax.random.randint(k, (cfg.model_batch_size,), 0, n)
+        idx = jax.random.randint(k, (args.model_batch_size,), 0, n)
         loss, grads = jax.value_and_grad(partial(model_loss, model))(
             state.params, norm, data.obs[idx], data.action[idx], data.next_obs[idx])
         return state.apply_gradients(grads=grads), loss
 
-    state, losses = jax.lax.scan(step, state, jax.random.split(key, cfg.model_steps))
+    state, losses = jax.lax.scan(step, state, jax.random.split(key, args.model_steps))
     return state, losses.mean()  # summed over members
 
 
@@ -245,24 +236,24 @@ def imagined_return(policy_fn, step_fn, reward_fn, policy_params, start_obs, hor
     return jnp.sum(gamma ** jnp.arange(horizon) * rewards)
 
 
-def policy_objective(policy_fn, step_fn, reward_fn, cfg: Config, policy_params, start_obs):
+def policy_objective(policy_fn, step_fn, reward_fn, args: Args, policy_params, start_obs):
     """-J: minus the mean imagined return over start states (B, obs_dim)."""
     returns = jax.vmap(imagined_return, in_axes=(None, None, None, None, 0, None, None))(
-        policy_fn, step_fn, reward_fn, policy_params, start_obs, cfg.horizon, cfg.gamma)
+        policy_fn, step_fn, reward_fn, policy_params, start_obs, args.horizon, args.gamma)
     return -returns.mean()
 
 
-def per_start_grad_norms(policy_fn, step_fn, reward_fn, cfg: Config, policy_params, start_obs):
+def per_start_grad_norms(policy_fn, step_fn, reward_fn, args: Args, policy_params, start_obs):
     """||dJ(s_0)/dtheta|| for each start state separately (B,), the quantity of
     the horizon study: its size and spread across s_0 show explosion."""
     grad_one = jax.grad(lambda p, s: imagined_return(policy_fn, step_fn, reward_fn, p, s,
-                                                     cfg.horizon, cfg.gamma))
+                                                     args.horizon, args.gamma))
     grads = jax.vmap(grad_one, in_axes=(None, 0))(policy_params, start_obs)
     return jax.vmap(optax.global_norm)(grads)
 
 
-@partial(jax.jit, static_argnames=("policy_fn", "step_fn", "reward_fn", "cfg"))
-def improve_policy(policy_fn, step_fn, reward_fn, cfg: Config, state: TrainState, step_args,
+@partial(jax.jit, static_argnames=("policy_fn", "step_fn", "reward_fn", "args"))
+def improve_policy(policy_fn, step_fn, reward_fn, args: Args, state: TrainState, step_args,
                    start_pool, n, key):
     """[3] K Adam steps on -J, each on `num_start_states` start states drawn from
     the first n rows of `start_pool` (the states of D): one jitted scan, the
@@ -273,13 +264,13 @@ def improve_policy(policy_fn, step_fn, reward_fn, cfg: Config, state: TrainState
     per-step mean imagined return and gradient norm (before clipping)."""
 
     def step(state, k):
-        idx = jax.random.randint(k, (cfg.num_start_states,), 0, n)
+        idx = jax.random.randint(k, (args.num_start_states,), 0, n)
         loss, grads = jax.value_and_grad(
-            partial(policy_objective, policy_fn, partial(step_fn, step_args), reward_fn, cfg))(
+            partial(policy_objective, policy_fn, partial(step_fn, step_args), reward_fn, args))(
             state.params, start_pool[idx])
         return state.apply_gradients(grads=grads), (-loss, optax.global_norm(grads))
 
-    state, (returns, norms) = jax.lax.scan(step, state, jax.random.split(key, cfg.policy_steps))
+    state, (returns, norms) = jax.lax.scan(step, state, jax.random.split(key, args.policy_steps))
     return state, returns, norms
 
 
@@ -301,54 +292,29 @@ def pendulum_true_step(step_args, obs, action):
     return env.observation(env.transition(state, action), None)
 
 
-def validate(args: Args) -> None:
-    """One-line errors for settings that cannot work."""
-    check_env_id(args.env_id)
-    space = make_env(args.env_id).action_space
-    if not isinstance(space, gym.spaces.Box):
-        fail(f"backprop through a model needs a continuous (Box) action space; "
-             f"'{args.env_id}' has {space}")
-    reward_function(args.env_id)  # fails if there is no differentiable reward
-    if args.dynamics == "true" and args.env_id != "Pendulum-v1":
-        fail(f"--dynamics true needs a differentiable simulator: only Pendulum-v1 has one here "
-             f"(MJX is not installed), not '{args.env_id}'")
-    if args.horizon < 1:
-        fail(f"--horizon must be >= 1, got {args.horizon}")
-    for name in ("eval_interval", "eval_episodes", "random_steps", "num_start_states",
-                 "policy_steps", "model_steps", "model_batch_size", "ensemble_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.model_batch_size > args.random_steps:
-        fail(f"--model-batch-size ({args.model_batch_size}) is larger than the data at the first "
-             f"fit (--random-steps {args.random_steps})")
-    if args.total_timesteps < args.random_steps + args.eval_interval:
-        fail(f"--total-timesteps ({args.total_timesteps}) must be >= --random-steps + "
-             f"--eval-interval ({args.random_steps + args.eval_interval})")
-    if not 0 <= args.gamma <= 1 or args.grad_clip < 0 or args.exploration_noise < 0:
-        fail("need 0 <= gamma <= 1, --grad-clip >= 0 and --exploration-noise >= 0")
-
-
 # ----------------------------------------------------------------------------
 # Real-environment interaction (the only Python loop: the env is the robot)
 # ----------------------------------------------------------------------------
-def collect(env, act, obs, num_steps: int, data_np: dict, n: int):
+def collect(env, act, obs, episode_return: float, num_steps: int, data_np: dict, n: int):
     """[1]/[4] Step the real env num_steps times with `act(obs) -> action`,
     writing (s, a, s') at rows n.. of D. Truncation (time limit) and termination
     both end the episode; s' is always the true next observation (the final
     one, not the reset one), so the model never learns a jump to a reset.
-    Returns the observation to continue from and the finished episodes' returns."""
-    returns, ep_return = [], 0.0
+    An episode may span several calls: its running return is passed in and out.
+    Returns the observation and return to continue from, and the returns of
+    the episodes that ended."""
+    returns = []
     for i in range(num_steps):
         action = np.asarray(act(obs), dtype=np.float32)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         data_np["obs"][n + i], data_np["action"][n + i], data_np["next_obs"][n + i] = obs, action, next_obs
-        ep_return += float(reward)
+        episode_return += float(reward)
         obs = next_obs
         if terminated or truncated:
-            returns.append(ep_return)
-            ep_return = 0.0
+            returns.append(episode_return)
+            episode_return = 0.0
             obs, _ = env.reset()
-    return obs, returns
+    return obs, episode_return, returns
 
 
 def explore(act, params, noise: float, action_scale: float, rng, obs):
@@ -371,66 +337,111 @@ def evaluate(env, act, episodes: int) -> np.ndarray:
     return np.asarray(returns)
 
 
-def normalizer_from(data_np: dict, n: int) -> Normalizer:
+def normalizer_from(data_np: dict, n: int) -> DeltaNormalizer:
     """Mean and std (floored at 1e-6: constant dimensions such as Reacher's target)
     of the model inputs and of the state differences in the first n rows of D."""
     x = np.concatenate([data_np["obs"][:n], data_np["action"][:n]], 1)
     d = data_np["next_obs"][:n] - data_np["obs"][:n]
-    return Normalizer(jnp.asarray(x.mean(0)), jnp.asarray(np.maximum(x.std(0), 1e-6)),
-                      jnp.asarray(d.mean(0)), jnp.asarray(np.maximum(d.std(0), 1e-6)))
+    return DeltaNormalizer(jnp.asarray(x.mean(0)), jnp.asarray(np.maximum(x.std(0), 1e-6)),
+                           jnp.asarray(d.mean(0)), jnp.asarray(np.maximum(d.std(0), 1e-6)))
 
 
 # ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
+def validate(args: Args) -> Dims:
+    """One-line errors for settings that cannot work, before anything heavy.
+    Returns the env's sizes."""
+    check_ranges(args, at_least_1=("random_steps", "horizon", "num_start_states", "policy_steps", "policy_hidden",
+                                   "model_hidden", "ensemble_size", "model_steps", "model_batch_size"),
+                 positive=("policy_lr", "model_lr"), non_negative=("grad_clip", "exploration_noise"),
+                 discount=("gamma",))
+    check_env_id(args.env_id)
+    env = make_env(args.env_id)
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box):
+        fail(f"backprop through a model needs a continuous (Box) action space; '{args.env_id}' has {space}")
+    reward_function(args.env_id)  # fails if there is no differentiable reward
+    if args.dynamics == "true" and args.env_id != "Pendulum-v1":
+        fail(f"--dynamics true needs a differentiable simulator: only Pendulum-v1 has one here "
+             f"(MJX is not installed), not '{args.env_id}'")
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    if limit is not None and args.horizon > limit:
+        fail(f"--horizon {args.horizon} is longer than {args.env_id}'s episodes ({limit} steps)")
+    if args.model_batch_size > args.random_steps:
+        fail(f"--model-batch-size ({args.model_batch_size}) is larger than the data at the first "
+             f"fit (--random-steps {args.random_steps})")
+    if args.total_timesteps < args.random_steps + args.eval_interval:
+        fail(f"--total-timesteps ({args.total_timesteps}) must be >= --random-steps + "
+             f"--eval-interval ({args.random_steps + args.eval_interval})")
+    dims = Dims(env.observation_space.shape[0], space.shape[0], float(space.high[0]))
+    # D lives in NumPy, on the device (each iteration) and in the checkpoint: about 3 copies
+    check_memory(3 * 4 * args.total_timesteps * (2 * dims.obs_dim + dims.act_dim), "the dataset D",
+                 "lower --total-timesteps")
+    if args.capture_video:
+        needs = {"moviepy": "moviepy"} | ({"pygame": "pygame"} if args.env_id == "Pendulum-v1" else {})
+        for module, package in needs.items():
+            if importlib.util.find_spec(module) is None:
+                fail(f"--capture-video on {args.env_id} needs {package} (pip install {package})")
+    return dims
+
+
 def main(args: Args) -> dict:
-    validate(args)
+    dims = validate(args)
     key = seed_everything(args.seed)
     run = Run(args)
     env, eval_env = make_env(args.env_id), make_env(args.env_id)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    action_scale = float(env.action_space.high[0])
     reward_fn = reward_function(args.env_id)
-    cfg = Config(args.horizon, args.gamma, args.num_start_states, args.policy_steps,
-                 args.model_steps, args.model_batch_size, action_scale)
     rng = np.random.default_rng(args.seed)
 
     # Networks. The policy is trained with Adam, its gradient optionally clipped
     # by global norm (the blunt, standard fix for exploding gradients: it caps
     # the step length but cannot restore a gradient direction that is noise).
-    policy = make_policy(act_dim, args.policy_hidden)
+    policy = make_policy(dims.act_dim, args.policy_hidden)
     key, k_pi, k_model = jax.random.split(key, 3)
     policy_opt = optax.adam(args.policy_lr)
     if args.grad_clip > 0:
         policy_opt = optax.chain(optax.clip_by_global_norm(args.grad_clip), policy_opt)
-    policy_state = TrainState.create(apply_fn=policy.apply, params=policy.init(k_pi, jnp.zeros(obs_dim)),
+    policy_state = TrainState.create(apply_fn=policy.apply, params=policy.init(k_pi, jnp.zeros(dims.obs_dim)),
                                      tx=policy_opt)
-    policy_fn = partial(policy_action, policy, action_scale=action_scale)
+    policy_fn = partial(policy_action, policy, action_scale=dims.action_scale)
     act = jax.jit(lambda params, o: policy_fn(params, o))
-    model = MLP(args.model_hidden, obs_dim)
+    model = MLP(args.model_hidden, dims.obs_dim)
     model_params = jax.vmap(model.init, in_axes=(0, None))(
-        jax.random.split(k_model, args.ensemble_size), jnp.zeros(obs_dim + act_dim))  # leading axis E
-    model_state = TrainState.create(apply_fn=model.apply, params=model_params,
-                                    tx=optax.adam(args.model_lr))
-    if args.dynamics == "learned":
-        step_fn = partial(learned_step, model)
-    else:
-        step_fn = pendulum_true_step
+        jax.random.split(k_model, args.ensemble_size), jnp.zeros(dims.obs_dim + dims.act_dim))  # leading axis E
+    model_state = TrainState.create(apply_fn=model.apply, params=model_params, tx=optax.adam(args.model_lr))
+    step_fn = partial(learned_step, model) if args.dynamics == "learned" else pendulum_true_step
 
     # D, preallocated (N = total_timesteps rows).
     N = args.total_timesteps
-    data_np = {"obs": np.zeros((N, obs_dim), np.float32), "action": np.zeros((N, act_dim), np.float32),
-               "next_obs": np.zeros((N, obs_dim), np.float32)}
-
-    # [1] The base policy: uniformly random actions.
+    data_np = {"obs": np.zeros((N, dims.obs_dim), np.float32), "action": np.zeros((N, dims.act_dim), np.float32),
+               "next_obs": np.zeros((N, dims.obs_dim), np.float32)}
     obs, _ = env.reset(seed=args.seed)
     env.action_space.seed(args.seed)
     eval_env.reset(seed=args.seed + 10_000)  # evaluation episodes: their own seed stream
-    obs, train_returns = collect(env, lambda o: env.action_space.sample(), obs, args.random_steps, data_np, 0)
-    n = args.random_steps
-    start = time.time()
-    history = []
-    iteration = 0
+
+    # Everything needed to continue after an iteration: a fresh run's start, or
+    # the checkpoint's state on --resume (the envs, made and reset as above,
+    # then put back mid-episode).
+    state = run.restore({"model": model_state, "policy": policy_state, "data": data_np, "n": np.int64(0),
+                         "iteration": np.int64(0), "key": key, "rng": numpy_rng_state(rng), "env": env_state(env),
+                         "eval_env": env_state(eval_env), "obs": obs, "episode_return": np.float64(0.0),
+                         "eval_return": np.float64(np.nan)})
+    model_state, policy_state, key = state["model"], state["policy"], state["key"]
+    n, iteration, episode_return = int(state["n"]), int(state["iteration"]), float(state["episode_return"])
+    eval_return = float(state["eval_return"])
+    if run.start_step:
+        data_np = {k: np.array(v) for k, v in state["data"].items()}
+        obs = np.asarray(state["obs"])
+        set_numpy_rng_state(rng, state["rng"])
+        set_env_state(env, state["env"])
+        set_env_state(eval_env, state["eval_env"])
+    else:  # [1] The base policy: uniformly random actions.
+        obs, episode_return, _ = collect(env, lambda o: env.action_space.sample(), obs, 0.0, args.random_steps,
+                                         data_np, 0)
+        n = args.random_steps
+    norm = normalizer_from(data_np, n)
+    start, start_n, history = time.time(), n, []
     while n < N:
         iteration += 1
         it_start = time.time()
@@ -441,46 +452,60 @@ def main(args: Args) -> dict:
         # little each time, which a few hundred steps absorb).
         norm = normalizer_from(data_np, n)
         if args.dynamics == "learned":
-            if iteration > 1:  # one-step error on the newest data, before fitting to it: a held-out test
-                new = slice(n - args.eval_interval, n)
-                metrics["model/heldout_loss"] = model_loss(
-                    model, model_state.params, norm, data.obs[new], data.action[new],
-                    data.next_obs[new]) / args.ensemble_size
-            key, k = jax.random.split(key)
-            model_state, loss = fit_model(model, cfg, model_state, norm, data, n, k)
-            metrics["model/train_loss"] = loss / args.ensemble_size
+            with run.timed("model"):
+                if iteration > 1:  # one-step error on the newest data, before fitting to it: a held-out test
+                    new = slice(n - args.eval_interval, n)
+                    metrics["model/heldout_loss"] = model_loss(
+                        model, model_state.params, norm, data.obs[new], data.action[new],
+                        data.next_obs[new]) / args.ensemble_size
+                key, k = jax.random.split(key)
+                model_state, loss = fit_model(model, args, model_state, norm, data, n, k)
+                metrics["model/train_loss"] = jax.block_until_ready(loss / args.ensemble_size)
+            check_finite(n, **metrics)
             step_args = (model_state.params, norm)
         else:
             step_args = ()
         # [3] Backpropagate through the model into the policy.
-        key, k = jax.random.split(key)
-        policy_state, imagined, grad_norms = improve_policy(
-            policy_fn, step_fn, reward_fn, cfg, policy_state, step_args, data.obs, n, k)
-        metrics["policy/imagined_return"] = imagined[-1]
-        metrics["policy/grad_norm"] = jnp.median(grad_norms)
-        metrics["policy/grad_norm_max"] = grad_norms.max()
-        # [4] Run the policy with exploration noise in the real env; append to D.
+        with run.timed("policy"):
+            key, k = jax.random.split(key)
+            policy_state, imagined, grad_norms = improve_policy(
+                policy_fn, step_fn, reward_fn, args, policy_state, step_args, data.obs, n, k)
+            metrics["policy/imagined_return"] = imagined[-1]
+            metrics["policy/grad_norm"] = jnp.median(grad_norms)
+            metrics["policy/grad_norm_max"] = jax.block_until_ready(grad_norms.max())
         params = policy_state.params
-        noise = args.exploration_noise * action_scale
-        steps = min(args.eval_interval, N - n)
-        obs, returns = collect(env, partial(explore, act, params, noise, action_scale, rng),
-                               obs, steps, data_np, n)
-        train_returns += returns
-        n += steps
-        check_finite(n, **{k: v for k, v in metrics.items() if k != "policy/grad_norm_max"},
+        check_finite(n, **{k: metrics[k] for k in ("policy/imagined_return", "policy/grad_norm")},
                      policy_params=ravel_pytree(params)[0])
+        # [4] Run the policy with exploration noise in the real env; append to D.
+        with run.timed("collect"):
+            noise = args.exploration_noise * dims.action_scale
+            steps = min(args.eval_interval, N - n)
+            obs, episode_return, returns = collect(
+                env, partial(explore, act, params, noise, dims.action_scale, rng), obs, episode_return, steps,
+                data_np, n)
+            n += steps
         # [5] Evaluate the deterministic policy.
-        eval_returns = evaluate(eval_env, partial(act, params), args.eval_episodes)
+        with run.timed("eval"):
+            eval_returns = evaluate(eval_env, partial(act, params), args.eval_episodes)
+        eval_return = float(eval_returns.mean())
         metrics.update({"eval/return": eval_returns.mean(), "eval/return_std": eval_returns.std(),
                         "iteration": iteration, "iteration_seconds": time.time() - it_start,
-                        "sps": (n - args.random_steps) / (time.time() - start)})
+                        "sps": (n - start_n) / (time.time() - start)})
         if returns:
             metrics["train/episode_return"] = float(np.mean(returns))
         run.log(metrics, n)
         history.append({"step": n, **{k: float(v) for k, v in metrics.items()}})
+        state = {"model": model_state, "policy": policy_state, "data": data_np, "n": np.int64(n),
+                 "iteration": np.int64(iteration), "key": key, "rng": numpy_rng_state(rng), "env": env_state(env),
+                 "eval_env": env_state(eval_env), "obs": obs, "episode_return": np.float64(episode_return),
+                 "eval_return": np.float64(eval_return)}
+        if run.checkpoint_due(n, n - steps):
+            run.save(state, n)
+    if run.start_step < n:  # the end, unless the last iteration's checkpoint holds it already
+        run.save(state, n)
 
-    wall = time.time() - start
-    summary = {"final_eval_return": history[-1]["eval/return"], "wall_seconds": wall}
+    summary = {"final_eval_return": eval_return, "wall_seconds": time.time() - start,
+               **{f"time/{k}": v for k, v in run.timings.items()}}
     run.log(summary, n)
     if args.save_model:
         path = save_checkpoint(run.dir / "model.msgpack", {
@@ -494,9 +519,8 @@ def main(args: Args) -> dict:
         print(f"video in {folder}")
     run.close()
     return {"history": history, "policy_params": policy_state.params, "model_params": model_state.params,
-            "normalizer": norm, "data": {k: v[:n] for k, v in data_np.items()}, "run_dir": run.dir,
-            "train_returns": train_returns, **summary}
+            "normalizer": norm, "data": {k: v[:n] for k, v in data_np.items()}, "run_dir": run.dir, **summary}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(Args, main)

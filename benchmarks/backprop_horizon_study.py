@@ -58,7 +58,7 @@ def grad_norms(model, policy, horizon, dynamics, gamma, policy_params, model_par
         step_fn = partial(btm.learned_step, model, (model_params, norm))
     else:
         step_fn = partial(btm.pendulum_true_step, ())
-    cfg = btm.Config(horizon, gamma, start_obs.shape[0], 1, 1, 1, 2.0)
+    cfg = btm.Args(horizon=horizon, gamma=gamma, num_start_states=start_obs.shape[0], policy_steps=1)
     return btm.per_start_grad_norms(policy_fn, step_fn, pendulum_reward, cfg, policy_params, start_obs)
 
 

@@ -125,8 +125,8 @@ def analytic_lq_gradient(K, s0, H, gamma):
 def test_policy_gradient_through_true_linear_dynamics_is_analytic():
     K = np.array([[-1.5, -0.8]])
     s0s = np.array([[1.0, 0.0], [0.3, -2.0], [-0.5, 0.5]])
-    cfg = btm.Config(horizon=30, gamma=0.97, num_start_states=3, policy_steps=1, model_steps=1,
-                     model_batch_size=1, action_scale=1.0)
+    cfg = btm.Args(horizon=30, gamma=0.97, num_start_states=3, policy_steps=1, model_steps=1,
+                   model_batch_size=1)
     with jax.enable_x64(True):
         g = jax.grad(partial(btm.policy_objective, linear_policy, linear_step, quadratic_reward, cfg))(
             {"K": jnp.asarray(K)}, jnp.asarray(s0s))["K"]
@@ -140,7 +140,7 @@ def test_gradient_norm_explodes_with_horizon_on_unstable_system():
     s0 = jnp.array([[1.0, 0.0]])
 
     def norms(K, H):
-        cfg = btm.Config(H, 1.0, 1, 1, 1, 1, 1.0)
+        cfg = btm.Args(horizon=H, gamma=1.0, num_start_states=1, policy_steps=1)
         return float(btm.per_start_grad_norms(linear_policy, linear_step, quadratic_reward, cfg,
                                               {"K": jnp.asarray(K)}, s0)[0])
 
@@ -163,7 +163,7 @@ def test_model_fit_learns_linear_dynamics():
     params = jax.vmap(model.init, in_axes=(0, None))(jax.random.split(jax.random.PRNGKey(0), 2),
                                                      jnp.zeros(3))
     state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(3e-3))
-    cfg = btm.Config(1, 1.0, 1, 1, model_steps=1500, model_batch_size=64, action_scale=1.0)
+    cfg = btm.Args(model_steps=1500, model_batch_size=64)
     data = btm.Data(jnp.asarray(obs), jnp.asarray(act), jnp.asarray(nxt))
     before = float(btm.model_loss(model, state.params, norm, data.obs, data.action, data.next_obs))
     state, _ = btm.fit_model(model, cfg, state, norm, data, n, jax.random.PRNGKey(1))

@@ -269,8 +269,9 @@ def sac_flops_and_matmul_rate(threads: int, hidden: int) -> dict:
     from algos import mbpo
 
     obs_dim, act_dim = 17, 6
-    cfg = mbpo.SACConfig(1, 256, 0, 0.99, 5e-3, -1.0, hidden, act_dim)
-    state = mbpo.create_sac(jax.random.PRNGKey(0), obs_dim, cfg, 3e-4)
+    cfg = mbpo.Args(num_updates=1, batch_size=256, real_ratio=0.0, gamma=0.99, tau=5e-3, target_entropy=-1.0,
+                    hidden=hidden, lr=3e-4)
+    state = mbpo.create_sac(jax.random.PRNGKey(0), mbpo.Dims(obs_dim, act_dim), cfg)
     rng = np.random.default_rng(0)
     batch = dict(obs=rng.normal(size=(256, obs_dim)), action=rng.uniform(-1, 1, (256, act_dim)),
                  reward=rng.normal(size=256), next_obs=rng.normal(size=(256, obs_dim)), terminated=np.zeros(256))

@@ -66,9 +66,10 @@ from jax.flatten_util import ravel_pytree
 
 from common.checkpoints import env_state, numpy_rng_state, save_checkpoint, set_env_state, set_numpy_rng_state
 from common.checks import check_finite, check_memory, check_ranges, fail
+from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import reward_function
-from common.experiment import CommonArgs, Run, cli, record_video, seed_everything
+from common.experiment import CommonArgs, Run, record_video, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)

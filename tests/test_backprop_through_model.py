@@ -4,7 +4,8 @@ Math: the differentiable rewards and the JAX pendulum against the real envs,
 jax.grad of the imagined return against finite differences and against the
 analytic gradient of a linear-quadratic system, the exponential growth of the
 gradient with the horizon on an unstable system, the model fit. Then a CLI
-smoke test, bad-input errors, and "it learns" on Pendulum-v1.
+smoke test (with a video), bad-input errors, kill -9 and resume, a divergence
+report, and "it learns" on Pendulum-v1.
 """
 
 import json
@@ -16,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from cli import run_algo
+from cli import cli_error, comparable, kill_after_checkpoint, run_algo
 from flax.training.train_state import TrainState
 
 from algos import backprop_through_model as btm
+from common.checkpoints import load_checkpoint
+from common.checks import Divergence
 from common.envs.model_fns import pendulum_reward, reacher_reward, reward_function
+from common.experiment import read_metrics
 
 
 # ----------------------------------------------------------------------------
@@ -184,7 +188,7 @@ TINY = ["--total-timesteps", "300", "--random-steps", "100", "--eval-interval", 
         "--model-steps", "5", "--model-batch-size", "32", "--model-hidden", "16", "--policy-hidden", "8"]
 
 
-@pytest.mark.parametrize("extra", [["--save-model", "--ensemble-size", "2", "--grad-clip", "1.0"],
+@pytest.mark.parametrize("extra", [["--save-model", "--ensemble-size", "2", "--grad-clip", "1.0", "--capture-video"],
                                    ["--dynamics", "true"],
                                    ["--env-id", "Reacher-v5"]])
 def test_cli_smoke(tmp_path, extra):
@@ -198,6 +202,8 @@ def test_cli_smoke(tmp_path, extra):
     assert ("model/train_loss" in evals[0]) == ("--dynamics" not in extra)
     if "--save-model" in extra:
         assert (run_dir / "model.msgpack").stat().st_size > 0
+    if "--capture-video" in extra:  # Pendulum-v1 renders with pygame (requirements.txt)
+        assert [p.suffix for p in (run_dir / "videos").iterdir()] == [".mp4"]
 
 
 def test_help_lists_every_option(tmp_path):
@@ -214,13 +220,90 @@ def test_help_lists_every_option(tmp_path):
     (["--horizon", "0"], "--horizon must be >= 1"),
     (["--model-batch-size", "500", "--random-steps", "200"], "larger than the data"),
     (["--env-id", "Reacher-v5", "--dynamics", "true"], "only Pendulum-v1"),
+    (["--policy-hidden", "0"], "--policy-hidden must be >= 1, got 0"),
+    (["--model-hidden", "0"], "--model-hidden must be >= 1"),
+    (["--policy-lr", "-1e-3"], "--policy-lr must be > 0"),
+    (["--model-lr", "0"], "--model-lr must be > 0"),
+    (["--horizon", "201"], "--horizon 201 is longer than Pendulum-v1's episodes (200 steps)"),
+    (["--env-id", "Reacher-v5", "--horizon", "51"], "longer than Reacher-v5's episodes (50 steps)"),
+    (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
+    (["--gamma", "0"], "--gamma must be in (0, 1]"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    (["--exploration-noise", "-0.1"], "--exploration-noise must be >= 0"),
+    (["--ensemble-size", "0"], "--ensemble-size must be >= 1"),
+    (["--model-steps", "0"], "--model-steps must be >= 1"),
+    (["--policy-steps", "0"], "--policy-steps must be >= 1"),
+    (["--num-start-states", "0"], "--num-start-states must be >= 1"),
+    (["--random-steps", "0"], "--random-steps must be >= 1"),
+    (["--total-timesteps", "300"], "--total-timesteps (300) must be >= --random-steps + --eval-interval (400)"),
+    (["--total-timesteps", str(10**13)], "the dataset D needs about"),
+    (["--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--policy-lr", "nan"], "--policy-lr must be a finite number"),
+    (["--resume", "no/such/run"], "not a run directory"),
+    (["--dynamics", "fake"], "--dynamics"),
 ])
-def test_bad_input_is_one_line_error(tmp_path, flags, message):
-    out = run_cli(tmp_path, *flags)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
+def test_bad_input_is_one_line_error(tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, not in the repo
+    assert message in cli_error(btm, *flags)
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
+
+
+def test_bad_input_through_the_real_entry_point(tmp_path):
+    for flags, message in ((["--policy-hidden", "0"], "--policy-hidden must be >= 1"),
+                           (["--env-id", "CartPole-v1"], "continuous (Box) action space")):
+        out = run_cli(tmp_path, *flags)
+        assert out.returncode != 0
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+        assert "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------
+# Surviving: kill -9 and resume, divergence
+# ----------------------------------------------------------------------------
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+    """Checkpoints land mid-episode (100-step iterations, 200-step episodes): the
+    env, D, the NumPy noise generator and the JAX key all continue exactly."""
+    flags = [*TINY, "--total-timesteps", "1100"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = run_cli(tmp_path / "a", *flags)
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir, step = kill_after_checkpoint("backprop_through_model", *flags, cwd=tmp_path / "b", min_step=500)
+    assert step < 1100
+    resumed = run_cli(tmp_path / "b", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    (full_dir,) = (tmp_path / "a" / "runs").iterdir()
+    expected = comparable(read_metrics(full_dir))
+    assert comparable(read_metrics(run_dir)) == expected
+    assert len(expected) == 11 and expected[-1]["global_step"] == 1100  # 10 iterations and the summary
+
+
+def test_divergence_names_the_step_and_quantity_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real, calls = btm.improve_policy, []
+
+    def poisoned(*a, **k):  # the third policy update (at env step 300) returns a NaN return
+        state, imagined, norms = real(*a, **k)
+        calls.append(1)
+        return state, (imagined.at[-1].set(jnp.nan) if len(calls) == 3 else imagined), norms
+
+    monkeypatch.setattr(btm, "improve_policy", poisoned)
+    args = btm.Args(total_timesteps=500, random_steps=100, eval_interval=100, eval_episodes=1, horizon=5,
+                    num_start_states=8, policy_steps=3, model_steps=5, model_batch_size=32, model_hidden=16,
+                    policy_hidden=8)
+    with pytest.raises(Divergence) as e:
+        btm.main(args)
+    message = str(e.value)
+    assert message.startswith("error: training diverged at env step 300: 'policy/imagined_return' is not finite")
+    assert "\n" not in message and "checkpoint.msgpack (step 300)" in message
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = load_checkpoint(run_dir / "checkpoint.msgpack")
+    assert int(saved["run"]["step"]) == 300 and int(saved["state"]["n"]) == 300
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == [200, 300]
 
 
 # ----------------------------------------------------------------------------

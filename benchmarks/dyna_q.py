@@ -49,10 +49,11 @@ def figure_8_2(num_runs: int, seed: int = 0):
     env = Maze(DYNA_MAZE)
     args = dq.Args(num_seeds=num_runs, total_timesteps=30_000, eval_interval=500, eval_episodes=1,
                    num_episodes=50)
-    experiment = dq.make_experiment(env, dq.config_from_args(args, env.num_states, 4), env.default_params)
+    dims, schedule = dq.Dims(env.num_states, env.num_actions), dq.schedule_of(env)
     curves, start = {}, time.perf_counter()
-    for n in (0, 5, 50):
-        _, _, terminals, _, _, steps = jax.block_until_ready(experiment(jax.random.PRNGKey(seed), n))
+    for n in (0, 5, 50):  # n is traced: the three settings share one compiled program
+        _, _, terminals, _, _, steps = jax.block_until_ready(
+            dq.experiment(jax.random.PRNGKey(seed), n, schedule, env, args, dims))
         terminals = np.asarray(terminals)[:, : int(steps)]
         lengths = [dq.episode_lengths(t) for t in terminals]
         if min(map(len, lengths)) < 50:
@@ -67,9 +68,8 @@ def changing_maze(name: str, layout, layout_after, change_step, total, n, kappa,
     for plus in (False, True):
         args = dq.Args(num_seeds=runs, total_timesteps=total, eval_interval=total // 6, eval_episodes=5,
                        alpha=1.0, plus=plus, kappa=kappa)
-        experiment = dq.make_experiment(env, dq.config_from_args(args, env.num_states, 4),
-                                        env.default_params, env.changed_params, env.change_step)
-        _, rewards, _, _, eval_len, _ = jax.block_until_ready(experiment(jax.random.PRNGKey(seed), n))
+        _, rewards, _, _, eval_len, _ = jax.block_until_ready(dq.experiment(
+            jax.random.PRNGKey(seed), n, dq.schedule_of(env), env, args, dq.Dims(env.num_states, env.num_actions)))
         out["Dyna-Q+" if plus else "Dyna-Q"] = {
             "cumulative_reward": np.cumsum(np.asarray(rewards), axis=1),  # (runs, total)
             "final_greedy_length": np.asarray(eval_len)[-1],  # (runs,)

@@ -2,18 +2,25 @@
 methods it adds (common/buffers.py): math, parity with the real envs, rollouts,
 "it learns", CLI."""
 
+import contextlib
+import io
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import run_algo
+import tyro
+from cli import cli_error, comparable, kill_after_checkpoint, run_algo
 
 from algos import mbpo
 from common import ensembles as ens
 from common.buffers import ReplayBuffer
+from common.checkpoints import load_checkpoint
+from common.checks import Divergence
 from common.envs import make_env
 from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS
+from common.experiment import cli, read_metrics
 
 # A state that is certainly unhealthy, pushed into the sim when random actions
 # rarely end an episode: (qpos index, value).
@@ -71,9 +78,9 @@ def test_sac_target_uses_terminated_not_truncated():
 
 
 def small_sac(target_entropy):
-    cfg = mbpo.SACConfig(num_updates=1, batch_size=64, n_real=3, gamma=0.99, tau=0.005,
-                         target_entropy=target_entropy, hidden=32, act_dim=2)
-    return cfg, mbpo.create_sac(jax.random.PRNGKey(0), 3, cfg, 3e-3)
+    args = mbpo.Args(num_updates=1, batch_size=64, gamma=0.99, tau=0.005, target_entropy=target_entropy, hidden=32,
+                     lr=3e-3)
+    return args, mbpo.create_sac(jax.random.PRNGKey(0), mbpo.Dims(obs_dim=3, act_dim=2), args)
 
 
 @pytest.mark.parametrize("target_entropy,direction", [(5.0, 1), (-50.0, -1)])
@@ -164,11 +171,13 @@ def test_it_learns_inverted_pendulum(tmp_path, monkeypatch):
 LEARN_STEPS = 4000
 
 
+# XLA's cheapest compilation: the subprocess runs are mostly compile time, their compute
+# is tiny (same numbers as the default flags here).
+CHEAP_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def run_cli(tmp_path, *flags):
-    # XLA's cheapest compilation: the smoke run is mostly compile time, its compute
-    # is tiny (same numbers as the default flags here).
-    return run_algo("mbpo", *flags, cwd=tmp_path,
-                    XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    return run_algo("mbpo", *flags, cwd=tmp_path, XLA_FLAGS=CHEAP_XLA)
 
 
 def test_cli_smoke(tmp_path):
@@ -211,3 +220,116 @@ def test_impossible_settings_fail_in_one_line(changes, message):
     with pytest.raises(SystemExit) as exc:
         mbpo.validate(mbpo.Args(**changes))
     assert exc.value.code != 0 and message in str(exc.value) and "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------
+# --help, bad input, resume, divergence (issues #12, #13)
+# --------------------------------------------------------------------------
+def help_words() -> str:
+    """The --help text as words (tyro draws boxes and wraps lines)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exc:
+        cli(mbpo.Args, mbpo.main, argv=["--help"])
+    assert exc.value.code in (0, None)
+    return " ".join(w for w in out.getvalue().split() if w.strip("│╭╮╰╯─"))
+
+
+def test_help_states_the_papers_values_per_env():
+    words = help_words()
+    fmt = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else f"{v:g}"
+    for field in ("num_updates", "target_entropy", "rollout_schedule", "epoch_length", "random_steps", "model_hidden"):
+        for env_id, paper in mbpo.PAPER_CONFIGS.items():
+            entry = f"{env_id.split('-')[0]} {fmt(paper[field])}"
+            assert f"{entry}," in words or f"{entry};" in words, (field, entry)
+        other = mbpo.OTHER_ENV[field]
+        assert f"other envs {'-act_dim' if other is None else fmt(other)}" in words, field
+
+
+TINY = ["--eval-episodes", "1", "--rollout-batch-size", "250", "--model-max-epochs", "1", "--hidden", "16",
+        "--model-hidden", "16", "--model-layers", "1", "--ensemble-size", "2", "--num-elites", "1", "--num-updates",
+        "1", "--batch-size", "32"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gamma", "5", "--tau", "3"], "--gamma must be in (0, 1], got 5.0"),  # a range error, not "diverged"
+    (["--tau", "3"], "--tau must be in (0, 1], got 3.0"),
+    (["--gamma", "0"], "--gamma must be in (0, 1]"),
+    (["--lr", "-0.001"], "--lr must be > 0"),
+    (["--model-lr", "0"], "--model-lr must be > 0"),
+    (["--real-ratio", "1.5"], "--real-ratio must be in [0, 1]"),
+    (["--num-updates", "0"], "--num-updates must be >= 1"),
+    (["--hidden", "0"], "--hidden must be >= 1"),
+    (["--model-max-epochs", "0"], "--model-max-epochs must be >= 1"),
+    (["--random-steps", "0"], "--random-steps must be >= 1"),
+    (["--rollout-schedule", "1", "15", "3", "2"], "--rollout-schedule needs 1 <= min k <= max k"),
+    (["--rollout-schedule", "-1", "15", "1", "1"], "--rollout-schedule must be >= 0"),
+    (["--num-elites", "9"], "--num-elites (9) cannot exceed --ensemble-size (7)"),
+    (["--total-timesteps", "100"], "--total-timesteps (100) must exceed --random-steps (500)"),
+    (["--batch-size", "20000"], "1000 real rows per minibatch, more than the 500 real rows"),
+    (["--rollout-batch-size", "100"], "244 model rows per minibatch, more than the 100"),
+    (["--epoch-length", "100"], "D_model would hold 40000 rows"),
+    (["--rollout-batch-size", "1000000", "--model-retain-epochs", "1000"], "D_model (1000000000 rows) needs about"),
+    (["--env-id", "CartPole-v1"], "needs a continuous (Box) action space"),
+    (["--env-id", "Hoper-v5"], "unknown env id"),
+    (["--seed", "-1"], "--seed must be in"),
+    (["--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--resume", "no/such/run"], "not a run directory"),
+])
+def test_bad_input_is_one_line(argv, message):
+    assert message in cli_error(mbpo, *argv)
+
+
+def tiny_run_flags(total: int, train_freq: int = 250) -> list[str]:
+    return ["--total-timesteps", str(total), "--random-steps", "550", "--eval-interval", "50",
+            "--checkpoint-interval", "50", "--model-train-freq", str(train_freq), *TINY]
+
+
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+    # Model fits at 551, 651, 751: the two after the checkpoint use the restored model,
+    # buffers and NumPy generator; episodes run across the checkpoint (env state).
+    flags = tiny_run_flags(800, train_freq=100)
+    cheap = dict(XLA_FLAGS=CHEAP_XLA)
+    full = tmp_path / "full"
+    full.mkdir()
+    res = run_algo("mbpo", *flags, cwd=full, **cheap)
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = comparable(read_metrics(next((full / "runs").iterdir())))
+    assert [r["global_step"] for r in expected] == list(range(50, 801, 50))
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    run_dir, step = kill_after_checkpoint("mbpo", *flags, cwd=killed, min_step=600, **cheap)
+    assert 600 <= step < 800, step  # killed mid-run, in the learning phase
+    res = run_algo("mbpo", "--resume", str(run_dir), cwd=killed, **cheap)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed at step {step}" in res.stdout
+    assert comparable(read_metrics(run_dir)) == expected
+
+
+def test_divergence_names_the_env_step_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A NaN in the critic's params at the 30th SAC phase (env step 550 + 30) must be
+    reported at env step 580 as a 'sac/...' quantity; the checkpoint of step 550 stays."""
+    monkeypatch.chdir(tmp_path)
+    sac_phase, calls = mbpo.sac_phase, []
+
+    def poisoned(args, state, *rest):
+        calls.append(1)
+        if len(calls) == 30:
+            nan = jax.tree.map(lambda p: p * jnp.nan, state.critic.params)
+            state = state._replace(critic=state.critic.replace(params=nan))
+        return sac_phase(args, state, *rest)
+
+    monkeypatch.setattr(mbpo, "sac_phase", poisoned)
+    args = tyro.cli(mbpo.Args, args=tiny_run_flags(700))
+    with pytest.raises(Divergence) as exc:
+        mbpo.main(args)
+    message = str(exc.value)
+    assert "training diverged at env step 580: 'sac/" in message and "\n" not in message, message
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert f"{run_dir.name}/checkpoint.msgpack (step 550)" in message
+    saved = load_checkpoint(run_dir / "checkpoint.msgpack")
+    assert int(saved["run"]["step"]) == 550
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["state"]["sac"]))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == list(range(50, 551, 50))

@@ -30,6 +30,7 @@ Run:
     python -m algos.maml --estimator promp                # ProMP
     python -m algos.maml --inner-steps 0                  # multi-task "pretrained" baseline
     python -m algos.maml --env-id HalfCheetahDir-v0 --meta-batch 40 --total-timesteps 320000000
+    python -m algos.maml --resume runs/<run>                # continue from its last checkpoint
 
 Algorithm (Alg. 3 of the paper; numbers mark the code below):
     [1] sample a meta-batch of tasks T_i ~ p(T)
@@ -57,29 +58,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import flax.linen as nn
+import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from gymnasium import spaces
 from jax.flatten_util import ravel_pytree
 
+from common.checkpoints import env_state, load_checkpoint, save_checkpoint, set_env_state
+from common.checks import check_finite, check_memory, check_ranges, fail
+from common.command_line import cli
 from common.envs import make_env
 from common.envs.mujoco_tasks import TaskFamily, task_family_of
-from common.experiment import (
-    CommonArgs,
-    Run,
-    check_finite,
-    fail,
-    load_checkpoint,
-    save_checkpoint,
-    seed_everything,
-)
+from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
 
 
@@ -89,9 +85,10 @@ class Args(CommonArgs):
     """a task family: PointNav2D-v0 (pure JAX), HalfCheetahDir-v0, HalfCheetahVel-v0, AntDir-v0 (MuJoCo)"""
     total_timesteps: int = 8_000_000
     """env steps of meta-training (one iteration: meta_batch x trajectories x
-    horizon x (inner_steps + 1) = 80,000 on 2-D navigation, so 100 iterations)"""
+    horizon x (inner_steps + 1) = 80,000 on 2-D navigation, so 100 iterations;
+    rounded down to whole iterations, at least one)"""
     eval_interval: int = 800_000
-    """meta-test every this many env steps (rounded to whole iterations)"""
+    """meta-test every this many env steps (rounded down to whole iterations, at least one)"""
     eval_episodes: int = 40
     """meta-test tasks (new goals); the paper's test script uses 40"""
     meta_batch: int = 20
@@ -132,29 +129,20 @@ class Args(CommonArgs):
     test_steps: int = 3
     """meta-test: inner steps after which the return is measured (Fig. 5: 3)"""
     init_params: str | None = None
-    """start from a checkpoint written by --save-model (e.g. to meta-test it)"""
+    """start from a policy.msgpack written by --save-model (e.g. to meta-test it)"""
 
 
-class Config(NamedTuple):
+class Dims(NamedTuple):
+    """The sizes read from the env (Args holds everything else)."""
+
     obs_dim: int
     action_dim: int
     horizon: int
-    meta_batch: int
-    num_traj: int
-    inner_steps: int
-    inner_lr: float
-    first_order: bool
-    promp: bool
-    gamma: float
-    max_kl: float
-    cg_iters: int
-    cg_damping: float
-    backtrack_ratio: float
-    backtrack_steps: int
-    promp_steps: int
-    promp_lr: float
-    promp_clip: float
-    promp_kl_coef: float
+
+
+def steps_per_iteration(args: Args, dims: Dims) -> int:
+    """Real env steps of one meta-iteration: K pre-update batches and one post-update batch."""
+    return args.meta_batch * args.trajectories_per_task * dims.horizon * (args.inner_steps + 1)
 
 
 # ----------------------------------------------------------------------------
@@ -203,7 +191,7 @@ class Batch(NamedTuple):
 # ----------------------------------------------------------------------------
 # Sampling (pure-JAX task family)
 # ----------------------------------------------------------------------------
-def rollouts(apply_fn, params, task, key, env, cfg: Config) -> Batch:
+def rollouts(apply_fn, params, task, key, env, args: Args, dims: Dims) -> Batch:
     """[2] N trajectories of pi_params on one task, as one scan over time."""
     low, high = env.action_space.low, env.action_space.high
 
@@ -224,23 +212,23 @@ def rollouts(apply_fn, params, task, key, env, cfg: Config) -> Batch:
             out = (obs, action, reward * alive, alive, gaussian_log_prob(mean, log_std, action))
             return (nxt, alive * (1.0 - env.terminal(nxt, k_env, task))), out
 
-        _, (obs, act, rew, mask, logp) = jax.lax.scan(step, (state, 1.0), jax.random.split(k_steps, cfg.horizon))
+        _, (obs, act, rew, mask, logp) = jax.lax.scan(step, (state, 1.0), jax.random.split(k_steps, dims.horizon))
         return obs, act, rew, mask, logp
 
-    obs, act, rew, mask, logp = jax.vmap(one_trajectory)(jax.random.split(key, cfg.num_traj))
+    obs, act, rew, mask, logp = jax.vmap(one_trajectory)(jax.random.split(key, args.trajectories_per_task))
     return Batch(obs, act, rew, mask, logp, jnp.zeros_like(rew))
 
 
 class GymTaskSampler:
-    """[2] for a MuJoCo task family (common/envs.py): M x N copies of the env
-    in a gymnasium SyncVectorEnv, each given its task; one jitted policy call
-    per time step for all of them. Returns the same `Batch` as `rollouts`."""
+    """[2] for a MuJoCo task family (common/envs/mujoco_tasks.py): M x N copies
+    of the env in a gymnasium SyncVectorEnv, each given its task; one jitted
+    policy call per time step for all of them. Returns the same `Batch` as
+    `rollouts`. Its state (for checkpoints): the reset-seed counter and the
+    sub-envs' states (`state()`, `set_state()`)."""
 
-    def __init__(self, env_id: str, apply_fn, cfg: Config, seed: int):
-        import gymnasium as gym
-
-        self.cfg, self.seed = cfg, seed
-        n = cfg.meta_batch * cfg.num_traj
+    def __init__(self, env_id: str, apply_fn, args: Args, dims: Dims, seed: int):
+        self.args, self.dims, self.seed = args, dims, seed
+        n = args.meta_batch * args.trajectories_per_task
         self.envs = gym.vector.SyncVectorEnv([lambda: make_env(env_id) for _ in range(n)])
         space = self.envs.single_action_space
         self.low, self.high = space.low, space.high
@@ -253,9 +241,15 @@ class GymTaskSampler:
 
         self.act = act
 
+    def state(self) -> dict:
+        return {"seed": np.int64(self.seed), "envs": env_state(self.envs)}
+
+    def set_state(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        set_env_state(self.envs, state["envs"])
+
     def __call__(self, params_per_task, tasks, key) -> Batch:
-        cfg = self.cfg
-        M, N, T = cfg.meta_batch, cfg.num_traj, cfg.horizon
+        M, N, T = self.args.meta_batch, self.args.trajectories_per_task, self.dims.horizon
         self.envs.set_attr("task", [t for t in np.asarray(tasks) for _ in range(N)])
         self.seed += 1
         obs, _ = self.envs.reset(seed=self.seed)  # env i gets seed + i
@@ -327,7 +321,7 @@ def masked_mean(x, mask):
 # ----------------------------------------------------------------------------
 # Inner step, and the adapted parameters as a function of theta
 # ----------------------------------------------------------------------------
-def inner_objective(apply_fn, params, batch: Batch, cfg: Config):
+def inner_objective(apply_fn, params, batch: Batch, args: Args):
     """L_in, the objective the inner step climbs (a per-task policy gradient).
 
     maml:  mean log pi(a|s) A. Its gradient is the policy gradient; its
@@ -339,47 +333,53 @@ def inner_objective(apply_fn, params, batch: Batch, cfg: Config):
     """
     mean, log_std = apply_fn(params, batch.obs)
     logp = gaussian_log_prob(mean, log_std, batch.action)
-    if cfg.promp:
+    if args.estimator == "promp":
         return masked_mean(jnp.exp(logp - batch.logp) * batch.advantage, batch.mask)
     return masked_mean(logp * batch.advantage, batch.mask)
 
 
-def inner_step(apply_fn, params, batch: Batch, cfg: Config, lr=None):
+def inner_step(apply_fn, params, batch: Batch, args: Args, lr=None):
     """[4] theta' = theta + alpha grad L_in(theta). With --first-order the
     gradient is a constant to the outer derivative (stop_gradient)."""
-    grad = jax.grad(inner_objective, argnums=1)(apply_fn, params, batch, cfg)
-    if cfg.first_order:
+    # THE SECOND-ORDER TERM COMES FROM HERE. The outer step differentiates
+    # theta' = theta + alpha grad L_in(theta) with respect to theta:
+    # d theta'/d theta = I + alpha Hessian L_in(theta), so the meta-gradient
+    # (d theta'/d theta)^T grad J(theta') contains the Hessian of the inner
+    # objective. Autodiff gets it by differentiating through this jax.grad
+    # (reverse-over-reverse); stop_gradient drops it (first-order MAML).
+    grad = jax.grad(inner_objective, argnums=1)(apply_fn, params, batch, args)
+    if args.first_order:
         grad = jax.lax.stop_gradient(grad)
-    lr = cfg.inner_lr if lr is None else lr
+    lr = args.inner_lr if lr is None else lr
     return jax.tree.map(lambda p, g: p + lr * g, params, grad)
 
 
-def adapt(apply_fn, theta, pre: Batch, cfg: Config):
+def adapt(apply_fn, theta, pre: Batch, args: Args):
     """theta'_K(theta) for one task, from its K fixed pre-update batches
     (leading axis K). This is the function the outer step differentiates."""
-    for j in range(cfg.inner_steps):
-        theta = inner_step(apply_fn, theta, jax.tree.map(lambda x, j=j: x[j], pre), cfg)
+    for j in range(args.inner_steps):
+        theta = inner_step(apply_fn, theta, jax.tree.map(lambda x, j=j: x[j], pre), args)
     return theta
 
 
 # ----------------------------------------------------------------------------
 # Outer step: the meta-objective, TRPO and ProMP
 # ----------------------------------------------------------------------------
-def old_post_update_policies(apply_fn, theta_old, pre: Batch, post: Batch, cfg: Config):
+def old_post_update_policies(apply_fn, theta_old, pre: Batch, post: Batch, args: Args):
     """pi_theta'_i(theta_old) at the post-update states: (mean, log_std), (M, N, T, A) each."""
-    return jax.vmap(lambda p, q: apply_fn(adapt(apply_fn, theta_old, p, cfg), q.obs))(pre, post)
+    return jax.vmap(lambda p, q: apply_fn(adapt(apply_fn, theta_old, p, args), q.obs))(pre, post)
 
 
-def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config, old=None):
+def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, args: Args, old=None):
     """Per task (vmapped over the meta-batch): likelihood ratios of the post-update
     samples under theta'(theta), and KL(pi_theta'(theta_old) || pi_theta'(theta)).
     `old` may hold the precomputed old policies (they do not depend on theta)."""
     if old is None:
-        old = old_post_update_policies(apply_fn, theta_old, pre, post, cfg)
+        old = old_post_update_policies(apply_fn, theta_old, pre, post, args)
     old = jax.lax.stop_gradient(old)
 
     def one_task(pre_i, post_i, old_i):
-        new = apply_fn(adapt(apply_fn, theta, pre_i, cfg), post_i.obs)
+        new = apply_fn(adapt(apply_fn, theta, pre_i, args), post_i.obs)
         ratio = jnp.exp(gaussian_log_prob(*new, post_i.action) - post_i.logp)
         kl = masked_mean(gaussian_kl(*old_i, *new), post_i.mask)
         return ratio, kl
@@ -387,9 +387,9 @@ def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: 
     return jax.vmap(one_task)(pre, post, old)  # (M, N, T), (M,)
 
 
-def surrogate_and_kl(apply_fn, theta, theta_old, pre, post, cfg: Config, old=None):
+def surrogate_and_kl(apply_fn, theta, theta_old, pre, post, args: Args, old=None):
     """S(theta) = mean_i mean_t r_t A'_t and the mean KL, for TRPO."""
-    ratio, kl = post_update_terms(apply_fn, theta, theta_old, pre, post, cfg, old)
+    ratio, kl = post_update_terms(apply_fn, theta, theta_old, pre, post, args, old)
     return masked_mean(ratio * post.advantage, post.mask), kl.mean()
 
 
@@ -409,56 +409,79 @@ def conjugate_gradient(matvec, b, iters: int, tol: float = 1e-10):
     return x
 
 
-def trpo_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
+class LineSearch(NamedTuple):
+    """The backtracking line search's state: try i uses the step coef = ratio^(i-1)."""
+
+    tries: jax.Array  # tries made so far
+    coef: jax.Array  # step fraction of the last try
+    surrogate: jax.Array  # S(theta_old + coef * step)
+    kl: jax.Array  # mean KL at that point
+
+
+def trpo_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
     """[6] maml: one natural-gradient step with a KL-checked line search."""
     flat, unravel = ravel_pytree(theta)
-    old = old_post_update_policies(apply_fn, theta, pre, post, cfg)  # computed once
-    objective = lambda f: surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, cfg, old)  # noqa: E731
+    old = old_post_update_policies(apply_fn, theta, pre, post, args)  # computed once
+
+    def objective(f):
+        return surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, args, old)
+
     surr_old, g = jax.value_and_grad(lambda f: objective(f)[0])(flat)
     kl_grad = jax.grad(lambda f: objective(f)[1])
 
     def fisher_vector_product(v):
-        # Hessian of the mean KL at theta_old times v (the Fisher of the
-        # post-update policies, pulled back through the inner step).
-        return jax.jvp(kl_grad, (flat,), (v,))[1] + cfg.cg_damping * v
+        # F v, F the Fisher information of the post-update policies pulled back
+        # through the inner step. Why the KL's Hessian: KL(pi_old || pi_theta) is
+        # minimal (zero) at theta = theta_old, so its gradient vanishes there and
+        # its Hessian is E_old[-d^2 log pi_theta] = E_old[grad log pi grad log pi^T],
+        # the Fisher matrix (the score has mean zero under pi_old). Why jvp of grad
+        # (forward-over-reverse): the directional derivative of the gradient
+        # along v is the Hessian-vector product H v, at the cost of about two
+        # gradients and without ever forming the P x P matrix.
+        return jax.jvp(kl_grad, (flat,), (v,))[1] + args.cg_damping * v
 
-    x = conjugate_gradient(fisher_vector_product, g, cfg.cg_iters)
-    step = jnp.sqrt(2 * cfg.max_kl / (x @ fisher_vector_product(x) + 1e-12)) * x
+    x = conjugate_gradient(fisher_vector_product, g, args.cg_iters)  # x ~ F^-1 g
+    # The largest step along x with quadratic KL model 1/2 s^T F s = delta:
+    # s = sqrt(2 delta / (x^T F x)) x (Schulman et al. 2015, TRPO, Appendix C).
+    step = jnp.sqrt(2 * args.max_kl / (x @ fisher_vector_product(x) + 1e-12)) * x
+
     # Backtracking line search: shrink the step until the KL is within delta
     # and the surrogate improves; after backtrack_steps failures, do not move.
-    def not_accepted(c):
-        i, _, surr, kl = c
-        return (i < cfg.backtrack_steps) & ~((kl <= cfg.max_kl) & (surr > surr_old))
+    def not_accepted(ls: LineSearch):
+        return (ls.tries < args.backtrack_steps) & ~((ls.kl <= args.max_kl) & (ls.surrogate > surr_old))
 
-    def shrink(c):
-        i = c[0]
-        coef = cfg.backtrack_ratio**i
-        return (i + 1, coef, *objective(flat + coef * step))
+    def shrink(ls: LineSearch) -> LineSearch:
+        coef = args.backtrack_ratio**ls.tries
+        return LineSearch(ls.tries + 1, coef, *objective(flat + coef * step))
 
-    i, coef, surr, kl = jax.lax.while_loop(not_accepted, shrink, shrink((0, 0.0, 0.0, 0.0)))
-    accepted = (kl <= cfg.max_kl) & (surr > surr_old)
-    coef = jnp.where(accepted, coef, 0.0)
-    info = {"surrogate_gain": jnp.where(accepted, surr - surr_old, 0.0), "kl": jnp.where(accepted, kl, 0.0),
-            "step_coef": coef, "grad_norm": jnp.linalg.norm(g)}
+    ls = jax.lax.while_loop(not_accepted, shrink, shrink(LineSearch(0, 0.0, 0.0, 0.0)))
+    accepted = (ls.kl <= args.max_kl) & (ls.surrogate > surr_old)
+    coef = jnp.where(accepted, ls.coef, 0.0)
+    info = {"surrogate_gain": jnp.where(accepted, ls.surrogate - surr_old, 0.0),
+            "kl": jnp.where(accepted, ls.kl, 0.0), "step_coef": coef, "grad_norm": jnp.linalg.norm(g)}
     return unravel(flat + coef * step), info
 
 
-def promp_objective(apply_fn, theta, theta_old, pre: Batch, post: Batch, cfg: Config):
+def promp_objective(apply_fn, theta, theta_old, pre: Batch, post: Batch, args: Args):
     """ProMP's meta-objective (Sec. 6): clipped ratio objective of the
     post-update policies, minus eta KL(pi_theta_old || pi_theta) measured on
     the pre-update states (to keep the pre-update policy close as well)."""
-    ratio, _ = post_update_terms(apply_fn, theta, theta_old, pre, post, cfg)
+    ratio, _ = post_update_terms(apply_fn, theta, theta_old, pre, post, args)
     clipped = jnp.minimum(ratio * post.advantage,
-                          jnp.clip(ratio, 1 - cfg.promp_clip, 1 + cfg.promp_clip) * post.advantage)
+                          jnp.clip(ratio, 1 - args.promp_clip, 1 + args.promp_clip) * post.advantage)
     old = jax.lax.stop_gradient(apply_fn(theta_old, pre.obs))
     kl = masked_mean(gaussian_kl(*old, *apply_fn(theta, pre.obs)), pre.mask)
-    return masked_mean(clipped, post.mask) - cfg.promp_kl_coef * kl
+    return masked_mean(clipped, post.mask) - args.promp_kl_coef * kl
 
 
-def promp_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
-    """[6] promp: a few Adam steps on the clipped meta-objective."""
-    opt = optax.adam(cfg.promp_lr)
-    loss = lambda th: -promp_objective(apply_fn, th, theta, pre, post, cfg)  # noqa: E731
+def promp_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
+    """[6] promp: a few Adam steps on the clipped meta-objective. Adam starts
+    afresh at every meta-iteration (as in ProMP's code), so no optimiser state
+    outlives the step."""
+    opt = optax.adam(args.promp_lr)
+
+    def loss(th):
+        return -promp_objective(apply_fn, th, theta, pre, post, args)
 
     def body(carry, _):
         th, opt_state = carry
@@ -466,20 +489,31 @@ def promp_step(apply_fn, theta, pre: Batch, post: Batch, cfg: Config):
         updates, opt_state = opt.update(grad, opt_state, th)
         return (optax.apply_updates(th, updates), opt_state), value
 
-    (new, _), values = jax.lax.scan(body, (theta, opt.init(theta)), None, length=cfg.promp_steps)
+    (new, _), values = jax.lax.scan(body, (theta, opt.init(theta)), None, length=args.promp_steps)
     return new, {"objective_first": -values[0], "objective_last": -values[-1]}
 
 
 # ----------------------------------------------------------------------------
 # Meta-training phases and meta-test
 # ----------------------------------------------------------------------------
-def make_phases(env, policy: GaussianMLP, cfg: Config, env_id: str = "", seed: int = 0):
+class Phases(NamedTuple):
+    """The jitted phases of a meta-iteration, and the MuJoCo sampler (None for
+    a pure-JAX family) whose state a checkpoint keeps."""
+
+    sample: Callable  # (params per task, tasks, key) -> Batch with advantages   [2], [3], [5]
+    inner: Callable  # (params per task, batch, lr) -> adapted params           [4]
+    outer: Callable  # (theta, pre, post) -> theta, info                        [6]
+    sampler: GymTaskSampler | None
+
+
+def make_phases(env, policy: GaussianMLP, args: Args, dims: Dims, seed: int = 0) -> Phases:
     """The phases of a meta-iteration (one jitted function per phase)."""
     apply_fn = policy.apply
-    advantages = jax.jit(jax.vmap(lambda b: with_advantages(b, cfg.gamma)))
+    advantages = jax.jit(jax.vmap(lambda b: with_advantages(b, args.gamma)))
+    gym_sampler = None
 
     if isinstance(env, TaskFamily):  # MuJoCo: a vector env steps, JAX acts
-        gym_sampler = GymTaskSampler(env_id, apply_fn, cfg, seed)
+        gym_sampler = GymTaskSampler(args.env_id, apply_fn, args, dims, seed)
 
         def sample(params_per_task, tasks, key):
             return advantages(gym_sampler(params_per_task, tasks, key))
@@ -488,63 +522,66 @@ def make_phases(env, policy: GaussianMLP, cfg: Config, env_id: str = "", seed: i
         @jax.jit
         def sample(params_per_task, tasks, key):
             """[2]/[5] N trajectories per task with per-task params, + advantages."""
-            keys = jax.random.split(key, cfg.meta_batch)
-            batch = jax.vmap(lambda p, t, k: rollouts(apply_fn, p, t, k, env, cfg))(params_per_task, tasks, keys)
+            keys = jax.random.split(key, args.meta_batch)
+            batch = jax.vmap(lambda p, t, k: rollouts(apply_fn, p, t, k, env, args, dims))(
+                params_per_task, tasks, keys)
             return advantages(batch)
 
     @jax.jit
     def inner(params_per_task, batch, lr):
         """[4] one inner step per task (values only: the outer step redoes it)."""
-        return jax.vmap(lambda p, b: inner_step(apply_fn, p, b, cfg, lr))(params_per_task, batch)
+        return jax.vmap(lambda p, b: inner_step(apply_fn, p, b, args, lr))(params_per_task, batch)
 
     @jax.jit
     def outer(theta, pre, post):
         """[6] the outer update; pre has axes (M, K, N, T, ...)."""
-        if cfg.promp:
-            return promp_step(apply_fn, theta, pre, post, cfg)
-        return trpo_step(apply_fn, theta, pre, post, cfg)
+        if args.estimator == "promp":
+            return promp_step(apply_fn, theta, pre, post, args)
+        return trpo_step(apply_fn, theta, pre, post, args)
 
-    return sample, inner, outer
+    return Phases(sample, inner, outer, gym_sampler)
 
 
 def broadcast(params, n: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
 
 
-def meta_iteration(theta, tasks, key, phases, cfg: Config):
+def meta_iteration(theta, tasks, key, phases: Phases, args: Args):
     """[2]-[6] one meta-iteration. Returns the new theta, the mean return
     before and after adaptation, and the outer step's diagnostics."""
-    sample, inner, outer = phases
-    params = broadcast(theta, cfg.meta_batch)
+    params = broadcast(theta, args.meta_batch)
     pre = []
-    for j in range(cfg.inner_steps):
-        batch = sample(params, tasks, jax.random.fold_in(key, j))  # [2], [3]
+    for j in range(args.inner_steps):
+        batch = phases.sample(params, tasks, jax.random.fold_in(key, j))  # [2], [3]
         pre.append(batch)
-        params = inner(params, batch, cfg.inner_lr)  # [4]
-    post = sample(params, tasks, jax.random.fold_in(key, cfg.inner_steps))  # [5]
+        params = phases.inner(params, batch, args.inner_lr)  # [4]
+    post = phases.sample(params, tasks, jax.random.fold_in(key, args.inner_steps))  # [5]
     if pre:
         pre = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *pre)  # (M, K, N, T, ...)
     else:  # no adaptation: the "pre-update" batch is the post-update one
         pre = jax.tree.map(lambda x: x[:, None], post)
-    theta, info = outer(theta, pre, post)  # [6]
-    returns = lambda b: b.reward.sum(-1).mean()  # noqa: E731
-    info = {**info, "return/pre_update": returns(pre) if cfg.inner_steps else returns(post),
+    theta, info = phases.outer(theta, pre, post)  # [6]
+
+    def returns(b):
+        return b.reward.sum(-1).mean()
+
+    info = {**info, "return/pre_update": returns(pre) if args.inner_steps else returns(post),
             "return/post_update": returns(post)}
     return theta, info
 
 
-def meta_test(theta, tasks, key, phases, cfg: Config, steps: int):
+def meta_test(theta, tasks, key, phases: Phases, args: Args, steps: int):
     """[7] Fig. 5: mean return on new tasks before adaptation and after each
     of `steps` inner steps, each step on fresh samples of the adapted policy.
-    (The authors' test script halves the step size after the first step.)"""
-    sample, inner, _ = phases
-    params = broadcast(theta, cfg.meta_batch)
+    (The authors' test script halves the step size after the first step.)
+    `args.meta_batch` is the number of test tasks (see `setup`)."""
+    params = broadcast(theta, args.meta_batch)
     curve = []
     for j in range(steps + 1):
-        batch = sample(params, tasks, jax.random.fold_in(key, j))
+        batch = phases.sample(params, tasks, jax.random.fold_in(key, j))
         curve.append(float(batch.reward.sum(-1).mean()))
         if j < steps:
-            params = inner(params, batch, cfg.inner_lr if j == 0 else cfg.inner_lr / 2)
+            params = phases.inner(params, batch, args.inner_lr if j == 0 else args.inner_lr / 2)
     return curve
 
 
@@ -564,70 +601,103 @@ def make_task_env(env_id: str):
     return family
 
 
-def validate(args: Args) -> None:
-    if args.meta_batch < 1 or args.trajectories_per_task < 1:
-        fail("--meta-batch and --trajectories-per-task must be >= 1")
-    if args.inner_steps < 0 or args.test_steps < 0:
-        fail("--inner-steps and --test-steps must be >= 0")
-    if args.max_kl <= 0 or args.inner_lr < 0:
-        fail("need --max-kl > 0 and --inner-lr >= 0")
+def validate(args: Args):
+    """One-line errors for settings that cannot work, before anything heavy.
+    Returns the task family and its sizes."""
+    check_ranges(args, at_least_1=("meta_batch", "trajectories_per_task", "cg_iters", "backtrack_steps",
+                                   "promp_steps", "hidden_sizes"),
+                 non_negative=("inner_steps", "test_steps", "cg_damping", "promp_kl_coef"),
+                 positive=("inner_lr", "max_kl", "promp_lr", "promp_clip"), discount=("gamma",),
+                 open_unit=("backtrack_ratio",))
+    if args.backtrack_ratio >= 1:
+        fail(f"--backtrack-ratio must be < 1 (the line search shrinks the step), got {args.backtrack_ratio}")
     if args.estimator == "promp" and args.inner_steps == 0:
         fail("--estimator promp needs --inner-steps >= 1")
+    if args.capture_video:
+        fail("--capture-video is not supported by MAML: its evaluation is a batched meta-test over many "
+             "tasks (drop the flag)")
+    env = make_task_env(args.env_id)
+    dims = Dims(env.observation_space.shape[0], env.action_space.shape[0], env.horizon)
+    per_iter = steps_per_iteration(args, dims)
+    if args.total_timesteps < per_iter:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one meta-iteration: --meta-batch x "
+             f"--trajectories-per-task x horizon ({dims.horizon}) x (--inner-steps + 1) = {per_iter} env steps")
+    # the trajectory batches of one iteration (obs, action, reward, mask, logp, advantage), in float32,
+    # held as NumPy/device copies and stacked: about 3 copies
+    largest = max(args.meta_batch, args.eval_episodes)
+    check_memory(3 * 4 * largest * args.trajectories_per_task * dims.horizon * (args.inner_steps + 1)
+                 * (dims.obs_dim + dims.action_dim + 4), "the trajectory batches",
+                 "lower --meta-batch, --eval-episodes or --trajectories-per-task")
+    return env, dims
 
 
 # ----------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------
 def setup(args: Args):
-    """Env, static config, policy and the jitted phases for training and meta-test."""
-    validate(args)
-    env = make_task_env(args.env_id)
-    cfg = Config(
-        obs_dim=env.observation_space.shape[0], action_dim=env.action_space.shape[0], horizon=env.horizon,
-        meta_batch=args.meta_batch, num_traj=args.trajectories_per_task, inner_steps=args.inner_steps,
-        inner_lr=args.inner_lr, first_order=args.first_order, promp=args.estimator == "promp",
-        gamma=args.gamma, max_kl=args.max_kl, cg_iters=args.cg_iters, cg_damping=args.cg_damping,
-        backtrack_ratio=args.backtrack_ratio, backtrack_steps=args.backtrack_steps,
-        promp_steps=args.promp_steps, promp_lr=args.promp_lr, promp_clip=args.promp_clip,
-        promp_kl_coef=args.promp_kl_coef)
-    policy = GaussianMLP(cfg.action_dim, tuple(args.hidden_sizes))
-    test_cfg = cfg._replace(meta_batch=args.eval_episodes)
-    return (env, cfg, policy, make_phases(env, policy, cfg, args.env_id, args.seed), test_cfg,
-            make_phases(env, policy, test_cfg, args.env_id, args.seed + 10_000))
+    """Env, sizes, policy and the jitted phases for training and for the
+    meta-test (whose args have meta_batch = eval_episodes, the test tasks)."""
+    env, dims = validate(args)
+    policy = GaussianMLP(dims.action_dim, tuple(args.hidden_sizes))
+    test_args = dataclasses.replace(args, meta_batch=args.eval_episodes)
+    return (env, dims, policy, make_phases(env, policy, args, dims, args.seed), test_args,
+            make_phases(env, policy, test_args, dims, args.seed + 10_000))
 
 
 def main(args: Args) -> dict:
-    env, cfg, policy, phases, test_cfg, test_phases = setup(args)
+    env, dims, policy, phases, test_args, test_phases = setup(args)
     key = seed_everything(args.seed)
-    steps_per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon * (cfg.inner_steps + 1)
-    iterations = max(1, args.total_timesteps // steps_per_iter)
-    eval_every = max(1, args.eval_interval // steps_per_iter)
+    per_iter = steps_per_iteration(args, dims)
+    iterations = args.total_timesteps // per_iter
+    eval_every = max(1, args.eval_interval // per_iter)
     key, k_init, k_test = jax.random.split(key, 3)
-    theta = policy.init(k_init, jnp.zeros(cfg.obs_dim))
-    if args.init_params:
-        theta = load_checkpoint(args.init_params, theta)
+    theta = policy.init(k_init, jnp.zeros(dims.obs_dim))
+    if args.init_params and not args.resume:
+        theta = load_checkpoint(args.init_params, theta, what="--init-params")
     test_tasks = env.sample_tasks(k_test, args.eval_episodes)  # the same new tasks at every meta-test
     run = Run(args)
+
+    # Everything needed to continue after a meta-iteration: theta, the
+    # iteration counter, the key, and (MuJoCo) the samplers' seeds and envs.
+    # ProMP's Adam restarts at every iteration, so there is no optimiser state.
+    def checkpoint(theta, key, it):
+        samplers = {name: p.sampler.state() for name, p in (("train", phases), ("test", test_phases))
+                    if p.sampler is not None}
+        return {"theta": theta, "key": key, "iteration": np.int64(it), "samplers": samplers}
+
+    state = run.restore(checkpoint(theta, key, 0))
+    theta, key, start_it = state["theta"], state["key"], int(state["iteration"])
+    for name, p in (("train", phases), ("test", test_phases)):
+        if p.sampler is not None and start_it:
+            p.sampler.set_state(state["samplers"][name])
     start, curves = time.time(), []
-    for it in range(1, iterations + 1):
+    for it in range(start_it + 1, iterations + 1):
+        step = it * per_iter
         key, k_tasks, k_iter = jax.random.split(key, 3)
-        tasks = env.sample_tasks(k_tasks, cfg.meta_batch)  # [1]
-        theta, info = meta_iteration(theta, tasks, k_iter, phases, cfg)  # [2]-[6]
-        check_finite(it * steps_per_iter, **info)
+        tasks = env.sample_tasks(k_tasks, args.meta_batch)  # [1]
+        with run.timed("meta_iteration"):
+            theta, info = meta_iteration(theta, tasks, k_iter, phases, args)  # [2]-[6]
+            info = jax.device_get(info)
+        check_finite(step, **info)
         metrics = {k: float(v) for k, v in info.items()}
-        metrics["sps"] = it * steps_per_iter / (time.time() - start)
+        metrics["sps"] = (it - start_it) * per_iter / (time.time() - start)
         if it % eval_every == 0 or it == iterations:  # [7]
-            curve = meta_test(theta, test_tasks, jax.random.fold_in(k_test, it), test_phases, test_cfg,
-                              args.test_steps)
-            curves.append({"step": it * steps_per_iter, "returns": curve})
-            metrics.update({f"eval/return_after_{j}_steps": r for j, r in enumerate(curve)})
-        run.log(metrics, it * steps_per_iter)
+            with run.timed("meta_test"):
+                curve = meta_test(theta, test_tasks, jax.random.fold_in(k_test, it), test_phases, test_args,
+                                  args.test_steps)
+            curves.append({"step": step, "returns": curve})
+            evals = {f"eval/return_after_{j}_steps": r for j, r in enumerate(curve)}
+            check_finite(step, **evals)
+            metrics.update(evals)
+        run.log(metrics, step)
+        if run.checkpoint_due(step, step - per_iter) or it == iterations:
+            run.save(checkpoint(theta, key, it), step)
     if args.save_model:
         print(f"saved {save_checkpoint(run.dir / 'policy.msgpack', theta)}")
     run.close()
     return {"theta": theta, "curves": curves, "run_dir": run.dir, "wall_seconds": time.time() - start,
-            "test_tasks": test_tasks, "test_key": k_test}
+            "test_tasks": test_tasks, "test_key": k_test, "timings": dict(run.timings)}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(Args, main)

@@ -16,6 +16,7 @@ Writes benchmarks/results/maml_<env>.json and benchmarks/plots/maml_<env>.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -34,9 +35,9 @@ def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: i
         on_seed=None, trajectories: int = 20):
     base = maml.Args(env_id=env_id, meta_batch=meta_batch, eval_episodes=test_tasks, estimator=estimator,
                      trajectories_per_task=trajectories)
-    env, cfg, policy, _, test_cfg, test_phases = maml.setup(base)
+    env, dims, policy, _, test_args, test_phases = maml.setup(base)
     tasks = env.sample_tasks(jax.random.PRNGKey(12345), test_tasks)  # the same new tasks for everyone
-    per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon
+    per_iter = maml.steps_per_iteration(dataclasses.replace(base, inner_steps=0), dims)  # one batch per task
     curves = {"MAML": [], "pretrained": [], "random init": []}
     walls = {"MAML": [], "pretrained": []}
     for seed in range(1, seeds + 1):
@@ -50,11 +51,11 @@ def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: i
             out = maml.main(args)
             walls[name].append(time.time() - start)
             curves[name].append(maml.meta_test(out["theta"], tasks, jax.random.PRNGKey(seed), test_phases,
-                                               test_cfg, 3))
+                                               test_args, 3))
             print(f"seed {seed} {name}: {np.round(curves[name][-1], 2)} ({walls[name][-1]:.0f} s)", flush=True)
-        theta0 = policy.init(jax.random.PRNGKey(seed), jnp.zeros(cfg.obs_dim))
+        theta0 = policy.init(jax.random.PRNGKey(seed), jnp.zeros(dims.obs_dim))
         curves["random init"].append(maml.meta_test(theta0, tasks, jax.random.PRNGKey(seed), test_phases,
-                                                    test_cfg, 3))
+                                                    test_args, 3))
         if on_seed is not None:  # write what we have after every seed
             on_seed({k: np.array(v) for k, v in curves.items()}, walls)
     return {k: np.array(v) for k, v in curves.items()}, walls
@@ -88,20 +89,20 @@ def baselines_with_step_sizes(a):
     """The baselines of `run`, meta-tested with several step sizes (same tasks and keys)."""
     base = maml.Args(env_id=a.env_id, meta_batch=a.meta_batch, eval_episodes=a.test_tasks,
                      trajectories_per_task=a.trajectories)
-    env, cfg, policy, _, test_cfg, test_phases = maml.setup(base)
+    env, dims, policy, _, test_args, test_phases = maml.setup(base)
     tasks = env.sample_tasks(jax.random.PRNGKey(12345), a.test_tasks)
-    per_iter = cfg.meta_batch * cfg.num_traj * cfg.horizon
+    per_iter = maml.steps_per_iteration(dataclasses.replace(base, inner_steps=0), dims)
     curves = {f"{name}, alpha {lr}": [] for name in ("pretrained", "random init") for lr in a.baseline_lrs}
     for seed in range(1, a.seeds + 1):
         args = maml.Args(env_id=a.env_id, seed=seed, meta_batch=a.meta_batch, eval_episodes=a.test_tasks,
                          trajectories_per_task=a.trajectories, inner_steps=0, exp_name="bench_pretrained",
                          total_timesteps=a.iterations * per_iter, eval_interval=a.iterations * per_iter)
         thetas = {"pretrained": maml.main(args)["theta"],
-                  "random init": policy.init(jax.random.PRNGKey(seed), jnp.zeros(cfg.obs_dim))}
+                  "random init": policy.init(jax.random.PRNGKey(seed), jnp.zeros(dims.obs_dim))}
         for name, theta in thetas.items():
             for lr in a.baseline_lrs:
                 curve = maml.meta_test(theta, tasks, jax.random.PRNGKey(seed), test_phases,
-                                       test_cfg._replace(inner_lr=lr), 3)
+                                       dataclasses.replace(test_args, inner_lr=lr), 3)
                 curves[f"{name}, alpha {lr}"].append(curve)
                 print(f"seed {seed} {name} alpha {lr}: {np.round(curve, 2)}", flush=True)
     table = {}

@@ -1,5 +1,6 @@
 """MAML: the meta-gradient, TRPO's pieces, the baseline, and "it learns"."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,18 @@ from jax.flatten_util import ravel_pytree
 
 from algos import maml
 
+DIMS = maml.Dims(obs_dim=2, action_dim=2, horizon=6)
+
 
 def tiny_config(**overrides):
-    base = dict(obs_dim=2, action_dim=2, horizon=6, meta_batch=2, num_traj=3, inner_steps=1, inner_lr=0.3,
-                first_order=False, promp=False, gamma=0.9, max_kl=0.01, cg_iters=20, cg_damping=0.0,
-                backtrack_ratio=0.8, backtrack_steps=15, promp_steps=3, promp_lr=1e-3, promp_clip=0.3,
-                promp_kl_coef=5e-4)
-    return maml.Config(**{**base, **overrides})
+    base = dict(meta_batch=2, trajectories_per_task=3, inner_steps=1, inner_lr=0.3, first_order=False,
+                estimator="maml", gamma=0.9, max_kl=0.01, cg_iters=20, cg_damping=0.0, backtrack_ratio=0.8,
+                backtrack_steps=15, promp_steps=3, promp_lr=1e-3, promp_clip=0.3, promp_kl_coef=5e-4)
+    return maml.Args(**{**base, **overrides})
+
+
+def replace(args, **changes):
+    return dataclasses.replace(args, **changes)
 
 
 def random_batch(key, shape, obs_dim=2, action_dim=2):
@@ -34,10 +40,10 @@ def random_batch(key, shape, obs_dim=2, action_dim=2):
 
 def tiny_problem(**overrides):
     cfg = tiny_config(**overrides)
-    policy = maml.GaussianMLP(cfg.action_dim, (5,))
-    theta = policy.init(jax.random.PRNGKey(0), jnp.zeros(cfg.obs_dim))
+    policy = maml.GaussianMLP(DIMS.action_dim, (5,))
+    theta = policy.init(jax.random.PRNGKey(0), jnp.zeros(DIMS.obs_dim))
     theta = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(9), x.shape), theta)
-    M, K, N, T = cfg.meta_batch, max(cfg.inner_steps, 1), cfg.num_traj, cfg.horizon
+    M, K, N, T = cfg.meta_batch, max(cfg.inner_steps, 1), cfg.trajectories_per_task, DIMS.horizon
     pre = random_batch(jax.random.PRNGKey(1), (M, K, N, T))
     post = random_batch(jax.random.PRNGKey(2), (M, N, T))
     # post-update samples "come from" theta'(theta): their old log-probs match it
@@ -63,14 +69,14 @@ def test_meta_gradient_matches_finite_differences_and_differs_from_first_order()
             eps = 1e-5
             fd = (objective(flat + eps * v) - objective(flat - eps * v)) / (2 * eps)
             assert float(grad @ v) == pytest.approx(float(fd), rel=1e-5, abs=1e-9)
-        first = jax.grad(lambda f: objective(f, cfg._replace(first_order=True)))(flat)
+        first = jax.grad(lambda f: objective(f, replace(cfg, first_order=True)))(flat)
         # the second-order term matters: the two gradients differ clearly
         assert float(jnp.linalg.norm(grad - first)) > 0.05 * float(jnp.linalg.norm(grad))
         # ... and without adaptation the two are the same function
-        no_inner = cfg._replace(inner_steps=0)
+        no_inner = replace(cfg, inner_steps=0)
         g0 = jax.grad(lambda f: maml.surrogate_and_kl(policy.apply, unravel(f), theta, pre, post, no_inner)[0])(flat)
         g1 = jax.grad(lambda f: maml.surrogate_and_kl(policy.apply, unravel(f), theta, pre, post,
-                                                      no_inner._replace(first_order=True))[0])(flat)
+                                                      replace(no_inner, first_order=True))[0])(flat)
         np.testing.assert_allclose(g0, g1, rtol=1e-12)
 
 
@@ -79,7 +85,8 @@ def test_promp_lvc_inner_gradient_equals_vpg_gradient_at_the_sampling_policy():
     batch = jax.tree.map(lambda x: x[0, 0], pre)
     batch = batch._replace(logp=maml.gaussian_log_prob(*policy.apply(theta, batch.obs), batch.action))
     g_vpg = ravel_pytree(jax.grad(maml.inner_objective, 1)(policy.apply, theta, batch, cfg))[0]
-    g_lvc = ravel_pytree(jax.grad(maml.inner_objective, 1)(policy.apply, theta, batch, cfg._replace(promp=True)))[0]
+    promp = replace(cfg, estimator="promp")
+    g_lvc = ravel_pytree(jax.grad(maml.inner_objective, 1)(policy.apply, theta, batch, promp))[0]
     np.testing.assert_allclose(g_vpg, g_lvc, rtol=1e-4, atol=1e-6)
 
 
@@ -95,7 +102,7 @@ def test_fisher_vector_product_equals_explicit_fisher():
         v = jnp.asarray(np.random.default_rng(1).normal(size=flat.shape))
         fvp = jax.jvp(jax.grad(kl), (flat,), (v,))[1]
 
-        obs = post.obs.reshape(-1, cfg.obs_dim)
+        obs = post.obs.reshape(-1, DIMS.obs_dim)
         mean_fn = lambda f: policy.apply(unravel(f), obs)[0]  # noqa: E731  (S, A)
         J = jax.jacobian(mean_fn)(flat)  # (S, A, P)
         sigma2 = jnp.exp(2 * policy.apply(theta, obs[:1])[1][0])  # (A,)
@@ -160,9 +167,10 @@ def test_it_learns_to_adapt_on_point_navigation():
     much better than before adaptation and than a random init after one step."""
     args = maml.Args(meta_batch=10, trajectories_per_task=10, eval_episodes=10, test_steps=1,
                      total_timesteps=10 * 10 * 100 * 2 * 8, eval_interval=10**9)
-    env, cfg, policy, phases, test_cfg, test_phases = maml.setup(args)
+    env, dims, policy, phases, test_cfg, test_phases = maml.setup(args)
+    cfg = args
     key = jax.random.PRNGKey(0)
-    theta = policy.init(key, jnp.zeros(cfg.obs_dim))
+    theta = policy.init(key, jnp.zeros(dims.obs_dim))
     random_init = theta
     for it in range(8):
         tasks = env.sample_tasks(jax.random.fold_in(key, it), cfg.meta_batch)
@@ -223,10 +231,11 @@ def test_mujoco_task_families_set_the_reward_and_pass_check_env(env_id):
 
 
 def test_gym_sampler_gives_each_env_its_task():
-    cfg = tiny_config(obs_dim=17, action_dim=6, horizon=4, meta_batch=2, num_traj=2)
-    policy = maml.GaussianMLP(cfg.action_dim, (8,))
-    theta = policy.init(jax.random.PRNGKey(0), jnp.zeros(cfg.obs_dim))
-    sampler = maml.GymTaskSampler("HalfCheetahDir-v0", policy.apply, cfg, seed=0)
+    cfg = tiny_config(meta_batch=2, trajectories_per_task=2)
+    dims = maml.Dims(obs_dim=17, action_dim=6, horizon=4)
+    policy = maml.GaussianMLP(dims.action_dim, (8,))
+    theta = policy.init(jax.random.PRNGKey(0), jnp.zeros(dims.obs_dim))
+    sampler = maml.GymTaskSampler("HalfCheetahDir-v0", policy.apply, cfg, dims, seed=0)
     batch = sampler(maml.broadcast(theta, 2), jnp.array([1.0, -1.0]), jax.random.PRNGKey(1))
     assert [float(t) for t in sampler.envs.get_attr("task")] == [1.0, 1.0, -1.0, -1.0]
     assert batch.obs.shape == (2, 2, 4, 17) and batch.action.shape == (2, 2, 4, 6)

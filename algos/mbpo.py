@@ -62,9 +62,10 @@ from common import ensembles as ens
 from common.buffers import ReplayBuffer
 from common.checkpoints import env_state, numpy_rng_state, save_checkpoint, set_env_state, set_numpy_rng_state
 from common.checks import check_finite, check_memory, check_ranges, fail
+from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, never_terminated
-from common.experiment import CommonArgs, Run, cli, record_video, seed_everything
+from common.experiment import CommonArgs, Run, record_video, seed_everything
 
 # The paper's per-env settings (jannerm/mbpo examples/config/*/0.py): G updates per env
 # step, SAC target entropy, rollout-length schedule [start epoch, end epoch, min k, max k],

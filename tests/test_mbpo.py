@@ -18,9 +18,10 @@ from common import ensembles as ens
 from common.buffers import ReplayBuffer
 from common.checkpoints import load_checkpoint
 from common.checks import Divergence
+from common.command_line import cli
 from common.envs import make_env
 from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS
-from common.experiment import cli, read_metrics
+from common.experiment import read_metrics
 
 # A state that is certainly unhealthy, pushed into the sim when random actions
 # rarely end an episode: (qpos index, value).

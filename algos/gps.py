@@ -15,7 +15,7 @@ Papers and lecture:
 Reference code: cbfinn/gps (Python 2, Caffe; read for constants, not copied).
 
 What is here: M conditions (fixed initial states/targets, reset exactly by
-common/envs.py), one linear-Gaussian controller p_i(u_t | x_t) =
+common/envs/conditions.py), one linear-Gaussian controller p_i(u_t | x_t) =
 N(K_t x_t + k_t, S_t) per condition, dynamics x_{t+1} ~ N(F_t [x_t; u_t] + f_t,
 D_t) fitted per time step with a normal-inverse-Wishart prior from a GMM over
 recent (x, u, x') tuples, the KL-constrained LQG backward pass (cost
@@ -26,15 +26,13 @@ means weighted by their precisions. The policy sees the env's observation o
 target), the controllers the state x (joint angles and velocities, fingertip -
 target and its velocity). Left out: BADMM GPS, PILQR, smoothed exploration
 noise, the reference's LQR-based initialisation (we start from zero gains,
-its init_pd without gains), images.
-Status (docs/gps.md, Reacher-v5, 10 iterations, seeds 1-6): LQR-FLM final
-distance 0.031 (target 0.02; 0.013 after 13 iterations), the MDGPS global
-policy 0.090 (target 0.03; 0.066 after 20 iterations): both targets not met.
+its init_pd without gains), images. Results against the paper: docs/gps.md.
 
 Run:
     python -m algos.gps                          # MDGPS on Reacher-v5, 4 conditions
     python -m algos.gps --algorithm lqr_flm      # local controllers only
     python -m algos.gps --env-id PointMass-v0 --horizon 30 --init-var 1.0
+    python -m algos.gps --resume runs/<run>      # continue from the last iteration's checkpoint
 
 Algorithm (Montgomery & Levine 2016, Alg. 2; the numbers mark the code below):
     [0] initialise p_i = N(0, init_var I) for every training condition i
@@ -48,11 +46,13 @@ Algorithm (Montgomery & Levine 2016, Alg. 2; the numbers mark the code below):
           prev_i = old p_i (lqr_flm) or pi_lin_i (mdgps); eta by bracketing
       [7] (mdgps) S-step: theta <- argmin sum_{i,j,t} ||pi_theta(o_t) - mu_i(x_t)||^2_{S_t^-1}
       [8] evaluate: samples, mean controllers, global policy on training and held-out conditions
+Steps [2]-[6] run in float64 (one region in main), the policy in float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from functools import partial
 from typing import Literal, NamedTuple
@@ -62,25 +62,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax.training.train_state import TrainState
 from gymnasium import spaces
 from jax.scipy.linalg import cho_solve, cholesky
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import multivariate_normal
 
+from common.checkpoints import numpy_rng_state, save_checkpoint, set_numpy_rng_state
+from common.checks import check_finite, check_memory, check_ranges, fail, flag
 from common.envs.conditions import evaluate_conditions, make_conditions_env, rollout_condition
-from common.experiment import CommonArgs, Run, check_finite, fail, record_video, save_checkpoint, seed_everything
+from common.experiment import CommonArgs, Run, cli, record_video, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "Reacher-v5"
-    """a conditions env of common/envs.py (exact state reset): Reacher-v5 or PointMass-v0"""
+    """a conditions env of common/envs/conditions.py (exact state reset): Reacher-v5 or PointMass-v0"""
     total_timesteps: int = 10_000
     """real training steps; iterations = total_timesteps // (conditions * num_samples * horizon)"""
     eval_interval: int = 1
     """evaluate the global policy every this many iterations (GPS counts iterations)"""
+    eval_episodes: int = 1
+    """runs per condition and evaluation; must be 1: the conditions reset exactly and the evaluated
+    policies are noise-free, so a second run would repeat the first"""
+    checkpoint_interval: int | None = None
+    """write runs/<run>/checkpoint.msgpack every this many iterations (None: every --eval-interval); always
+    at the end"""
     algorithm: Literal["mdgps", "lqr_flm"] = "mdgps"
     """mdgps: C-step bounded by KL to the linearised global policy, then S-step; lqr_flm: controllers only"""
     sample_on_policy: bool = True
@@ -90,7 +97,7 @@ class Args(CommonArgs):
     conditions: int = 4
     """training conditions used (the env offers at most its own number)"""
     horizon: int = 50
-    """T, steps per trajectory (Reacher-v5 episodes are 50 steps)"""
+    """T, steps per trajectory, at most the env's time limit (Reacher-v5 episodes are 50 steps)"""
     num_samples: int = 5
     """N, trajectories per condition per iteration (cbfinn/gps: 5)"""
     init_var: float = 0.003
@@ -118,7 +125,35 @@ class Args(CommonArgs):
     policy_steps: int = 4000
     """Adam steps per S-step (minibatches; cbfinn/gps mjc_mdgps_example: 4000 iterations)"""
     policy_batch_size: int = 128
-    """S-step minibatch size"""
+    """S-step minibatch size, at most the conditions * num_samples * horizon points of one iteration"""
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """M conditions x N samples x T steps of real interaction per iteration."""
+        return self.conditions * self.num_samples * self.horizon
+
+    @property
+    def iterations(self) -> int:
+        return self.total_timesteps // self.steps_per_iteration
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether iterations after the first sample the global policy (plus noise)."""
+        return self.sample_on_policy and self.algorithm == "mdgps"
+
+    @property
+    def step_mult_range(self) -> tuple[float, float]:
+        lo, hi = (0.01, 2.0) if self.algorithm == "lqr_flm" else (0.5, 3.0)  # defaults: see the fields
+        return (lo if self.min_step_mult is None else self.min_step_mult,
+                hi if self.max_step_mult is None else self.max_step_mult)
+
+
+class Dims(NamedTuple):
+    """Sizes read from the conditions env."""
+
+    dX: int  # the controllers' state x
+    dU: int  # the action u
+    dO: int  # the policy's observation o
 
 
 # --------------------------------------------------------------------------
@@ -236,7 +271,7 @@ def fit_linear_gaussian(pts, d_in: int, prior, reg: float = 1e-6):
     return F, f, cov
 
 
-def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, cfg):
+def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, args):
     """Per-time-step linear-Gaussian fits of out_t on in_t from the current
     samples cur_* (N, T', .), each with the NIW prior of one GMM over all
     (in, out) pairs of the buffer buf_* (S, T', .) (rows with mask 0 unused).
@@ -245,8 +280,8 @@ def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, cfg):
     data = jnp.concatenate([buf_in, buf_out], -1).reshape(S * Tp, -1)
     weights = jnp.repeat(buf_mask, Tp)
     num_points = weights.sum()
-    K = jnp.clip(jnp.floor(num_points / cfg["min_points"]), 2, cfg["max_clusters"]).astype(jnp.int32)
-    gmm = fit_gmm(key, data, weights, K, cfg["max_clusters"], cfg["gmm_iters"])
+    K = jnp.clip(jnp.floor(num_points / args.min_points_per_cluster), 2, args.max_clusters).astype(jnp.int32)
+    gmm = fit_gmm(key, data, weights, K, args.max_clusters, args.gmm_iters)
     pts = jnp.concatenate([cur_in, cur_out], -1)  # (N, T', P)
 
     def one_step(pts_t):
@@ -255,25 +290,24 @@ def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, cfg):
     return jax.vmap(one_step, in_axes=1)(pts)
 
 
-@partial(jax.jit, static_argnames="cfg_items")
-def fit_dynamics(key, buf_X, buf_U, buf_mask, X, U, cfg_items) -> Dynamics:
+@partial(jax.jit, static_argnames="args")
+def fit_dynamics(key, buf_X, buf_U, buf_mask, X, U, args: Args) -> Dynamics:
     """[3] Dynamics of one condition from its samples X (N, T, dX), U (N, T, dU)
     and the GMM buffer (S, T, .). x0 ~ N(sample mean, diag(max(var, 1e-6))):
     with exact resets the prior's x0 term of cbfinn/gps is zero and left out."""
-    cfg = dict(cfg_items)
-    xu = lambda X, U: jnp.concatenate([X[:, :-1], U[:, :-1]], -1)  # noqa: E731
-    F, f, cov = fit_time_varying(key, xu(buf_X, buf_U), buf_X[:, 1:], buf_mask, xu(X, U), X[:, 1:], cfg)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])  # noqa: E731  (no transition after T-1)
+    xu = lambda X, U: jnp.concatenate([X[:, :-1], U[:, :-1]], -1)
+    F, f, cov = fit_time_varying(key, xu(buf_X, buf_U), buf_X[:, 1:], buf_mask, xu(X, U), X[:, 1:], args)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])  # no transition after T-1
     x0_cov = jnp.diag(jnp.maximum(X[:, 0].var(0), 1e-6))
     return Dynamics(pad(F), pad(f), pad(cov), X[:, 0].mean(0), x0_cov)
 
 
-@partial(jax.jit, static_argnames="cfg_items")
-def fit_policy_linearization(key, buf_X, buf_pol, buf_mask, X, pol_mu, pol_var, cfg_items) -> LinearGaussian:
+@partial(jax.jit, static_argnames="args")
+def fit_policy_linearization(key, buf_X, buf_pol, buf_mask, X, pol_mu, pol_var, args: Args) -> LinearGaussian:
     """[4] pi_lin(u_t | x_t) = N(K_t x_t + k_t, cov_t + diag(pol_var)): a
     regression of the global policy's mean actions on the states along the
     samples, with a GMM prior over (x, pi_theta(o)) (cbfinn/gps PolicyPriorGMM)."""
-    K, k, cov = fit_time_varying(key, buf_X, buf_pol, buf_mask, X, pol_mu, dict(cfg_items))
+    K, k, cov = fit_time_varying(key, buf_X, buf_pol, buf_mask, X, pol_mu, args)
     return LinearGaussian(K, k, cov + jnp.diag(pol_var))
 
 
@@ -296,7 +330,7 @@ def quadratize_cost(cost_fn, X, U) -> tuple[QuadCost, jax.Array]:
 
     def one(x, u, fin):
         v = jnp.concatenate([x, u])
-        f = lambda v: cost_fn(v[:dX], v[dX:], fin)  # noqa: E731
+        f = lambda v: cost_fn(v[:dX], v[dX:], fin)
         val, g, H = f(v), jax.grad(f)(v), psd(jax.hessian(f)(v))
         return H, g - H @ v, val - g @ v + 0.5 * v @ H @ v, val
 
@@ -370,7 +404,7 @@ def traj_kl(mu, sigma, new: LinearGaussian, prev: LinearGaussian):
         Lp = cholesky(covp, lower=True)
         Pp = cho_solve((Lp, True), jnp.eye(dU))
         dK, dm = K - Kp, (K - Kp) @ mu[:dX] + k - kp
-        logdet = lambda L: 2 * jnp.sum(jnp.log(jnp.diag(L)))  # noqa: E731
+        logdet = lambda L: 2 * jnp.sum(jnp.log(jnp.diag(L)))
         quad = dm @ Pp @ dm + jnp.trace(dK.T @ Pp @ dK @ sigma[:dX, :dX])
         return 0.5 * (jnp.trace(Pp @ cov) - dU + logdet(Lp) - logdet(cholesky(cov, lower=True)) + quad)
 
@@ -437,8 +471,8 @@ class Policy(nn.Module):
         return nn.Dense(self.act_dim)(o)
 
 
-@partial(jax.jit, static_argnames=("steps", "batch_size"))
-def s_step(state: TrainState, key, obs, target_mu, target_prec, steps: int, batch_size: int):
+@partial(jax.jit, static_argnames="args")
+def s_step(state: TrainState, key, obs, target_mu, target_prec, args: Args):
     """[7] Minimise the precision-weighted squared error
         mean_j (pi_theta(o_j) - mu_j)^T S_j^-1 (pi_theta(o_j) - mu_j)
     over all (condition, sample, time) points j: obs (P, dO) normalised,
@@ -451,17 +485,18 @@ def s_step(state: TrainState, key, obs, target_mu, target_prec, steps: int, batc
         return jnp.mean(jnp.einsum("bi,bij,bj->b", d, target_prec[idx], d))
 
     def update(state, k):
-        idx = jax.random.randint(k, (batch_size,), 0, obs.shape[0])
+        idx = jax.random.randint(k, (args.policy_batch_size,), 0, obs.shape[0])
         loss, grads = jax.value_and_grad(loss_fn)(state.params, idx)
         return state.apply_gradients(grads=grads), loss
 
-    state, losses = jax.lax.scan(update, state, jax.random.split(key, steps))
+    state, losses = jax.lax.scan(update, state, jax.random.split(key, args.policy_steps))
     return state, losses[-100:].mean()
 
 
+
 # --------------------------------------------------------------------------
-# Real-environment sampling (common/envs.py rollout_condition: the only Python
-# loop, the env stands for the robot)
+# Real-environment sampling (common/envs/conditions.py rollout_condition: the
+# only Python loop, the env stands for the robot)
 # --------------------------------------------------------------------------
 def controller_act(K, k, L=None, noise=None):
     """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU)); the mean
@@ -471,196 +506,351 @@ def controller_act(K, k, L=None, noise=None):
     return lambda x, o, t: K[t] @ x + k[t] + L[t] @ noise[t]
 
 
-def validate(args: Args):
-    for name, least in (("horizon", 2), ("num_samples", 2), ("conditions", 1)):  # dynamics need >= 2 samples
-        if getattr(args, name) < least:
-            fail(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
-    for name in ("init_var", "kl_step", "policy_lr"):
-        if not getattr(args, name) > 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.prior_samples < args.num_samples:
-        fail(f"--prior-samples ({args.prior_samples}) must be at least --num-samples ({args.num_samples})")
+@partial(jax.jit, static_argnames=("args", "dims"))
+def policy_mean(params, obs_mean, obs_std, o, args: Args, dims: Dims):
+    """pi_theta's mean action on whitened observations o (..., dO), float32. The
+    product with 1 / std is what XLA makes of a division by constant statistics;
+    written out, the numbers do not depend on whether they are constants."""
+    return Policy(args.policy_hidden, dims.dU).apply(params, (o - obs_mean) * (1.0 / obs_std))
 
 
-def main(args: Args) -> dict:
-    validate(args)
-    env = make_conditions_env(args.env_id)
-    if not isinstance(env.action_space, spaces.Box):
-        fail(f"GPS needs a continuous (Box) action space; '{args.env_id}' has {env.action_space}")
-    if args.conditions > env.num_train:
-        fail(f"--conditions {args.conditions} exceeds the {env.num_train} training conditions of '{args.env_id}'")
-    M, N, T = args.conditions, args.num_samples, args.horizon
-    on_policy = args.sample_on_policy and args.algorithm == "mdgps"
-    lo, hi = (0.01, 2.0) if args.algorithm == "lqr_flm" else (0.5, 3.0)  # step multiplier range (see Args)
-    mult_range = (lo if args.min_step_mult is None else args.min_step_mult,
-                  hi if args.max_step_mult is None else args.max_step_mult)
-    iterations = args.total_timesteps // (M * N * T)
-    if iterations < 1:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one iteration ({M * N * T} steps)")
-    test_conds = list(range(env.num_train, len(getattr(env, "targets", getattr(env, "starts", [])))))
-    key = seed_everything(args.seed)
-    rng = np.random.default_rng(args.seed)
-    run = Run(args)
-    dX, dU = env.dim_state, env.action_space.shape[0]
-    dO = env.observation_space.shape[0]
-    cfg = tuple({"min_points": args.min_points_per_cluster, "max_clusters": args.max_clusters,
-                 "gmm_iters": args.gmm_iters}.items())
-    dist_fn = jax.jit(jax.vmap(env.distance))
-    vmapM = lambda f: jax.jit(jax.vmap(f))  # noqa: E731  (over conditions)
-    quadratize = vmapM(partial(quadratize_cost, env.cost))
-    fit_dyn = jax.vmap(partial(fit_dynamics, cfg_items=cfg))
-    fit_pol = jax.vmap(partial(fit_policy_linearization, cfg_items=cfg), in_axes=(0, 0, 0, 0, 0, 0, None))
-    c_step_M, est_M = jax.vmap(c_step), vmapM(estimate_cost)
+# --------------------------------------------------------------------------
+# The state of a run: everything an iteration changes (and the checkpoint holds)
+# --------------------------------------------------------------------------
+class SampleBuffer(NamedTuple):
+    """The last S = prior_samples trajectories of each condition (a ring), for the GMM priors of [3] and [4]."""
 
-    # [0] Controllers, GMM buffers (the last S trajectories of each condition), global policy.
+    X: np.ndarray  # (M, S, T, dX)
+    U: np.ndarray  # (M, S, T, dU)
+    Ob: np.ndarray  # (M, S, T, dO)
+    mask: np.ndarray  # (M, S): 1 where a slot holds a trajectory
+
+
+class Samples(NamedTuple):
+    """One iteration's trajectories [1]: (M, N, T, .)."""
+
+    X: np.ndarray
+    U: np.ndarray
+    Ob: np.ndarray
+
+
+class Fit(NamedTuple):
+    """What an iteration fitted ([2]-[4], per condition), kept for the next iteration's step adjustment [5]."""
+
+    ctrl: LinearGaussian  # the controllers that drew the samples (before this iteration's C-step)
+    dyn: Dynamics
+    cost: QuadCost
+    pol_lin: LinearGaussian  # mdgps; zeros for lqr_flm
+    mc_cost: float  # the samples' mean trajectory cost
+
+
+class GPSState(NamedTuple):
+    iteration: int  # iterations done
+    ctrl: LinearGaussian  # the controllers p_i, (M, T, ...)
+    step_mult: np.ndarray  # (M,) KL step multipliers
+    eta: np.ndarray  # (M,) the last C-step's dual variables: where the next eta search starts
+    last: Fit  # the previous iteration's fit (zeros before the first)
+    buffer: SampleBuffer
+    policy: TrainState  # pi_theta's parameters and Adam state
+    obs_mean: np.ndarray  # (dO,) whitening of the policy's input, set from the first samples
+    obs_std: np.ndarray  # (dO,)
+    policy_var: np.ndarray  # (dU,) exploration noise of on-policy sampling (1 / diag of the mean precision)
+    key: jax.Array
+    np_rng: str  # the NumPy Generator that draws the sampling noise and the reset seeds
+
+
+def init_state(args: Args, dims: Dims, key) -> GPSState:
+    """[0] Zero-gain controllers, an empty buffer, a fresh policy."""
+    M, S, T = args.conditions, args.prior_samples, args.horizon
+    dX, dU, dO = dims
+    D = dX + dU
     ctrl = jax.vmap(lambda _: init_controller(T, dX, dU, args.init_var))(jnp.arange(M))
-    S = args.prior_samples
-    buf = {"X": np.zeros((M, S, T, dX)), "U": np.zeros((M, S, T, dU)), "Ob": np.zeros((M, S, T, dO)),
-           "mask": np.zeros((M, S))}
+    z = lambda *shape: np.zeros((M, *shape))
+    lin = LinearGaussian(z(T, dU, dX), z(T, dU), z(T, dU, dU))
+    last = Fit(lin, Dynamics(z(T, dX, D), z(T, dX), z(T, dX, dX), z(dX), z(dX, dX)),
+               QuadCost(z(T, D, D), z(T, D), z(T)), lin, 0.0)
     policy = Policy(args.policy_hidden, dU)
     key, k_init = jax.random.split(key)
     pstate = TrainState.create(apply_fn=policy.apply, params=policy.init(k_init, jnp.zeros(dO)),
                                tx=optax.chain(optax.add_decayed_weights(args.policy_weight_decay),
-                                                 optax.adam(args.policy_lr)))
-    o_mean, o_std, pol_var = np.zeros(dO), np.ones(dO), np.full(dU, args.init_var)
-    pi = jax.jit(lambda params, o: policy.apply(params, (o - o_mean) / o_std))
-    step_mult, eta = np.ones(M), np.ones(M)
-    prev = None
-    history = []
-    start = time.time()
+                                              optax.adam(args.policy_lr)))
+    return GPSState(0, ctrl, np.ones(M), np.ones(M), last, SampleBuffer(z(S, T, dX), z(S, T, dU), z(S, T, dO), z(S)),
+                    pstate, np.zeros(dO), np.ones(dO), np.full(dU, args.init_var), key,
+                    numpy_rng_state(np.random.default_rng(args.seed)))
 
-    def train_policy(pstate, key, X, Ob, ctrl):
-        """[7] S-step on this iteration's samples of all conditions."""
-        nonlocal o_mean, o_std, pol_var, pi
-        if prev is None:  # whiten the observations once, from the first data (as cbfinn/gps)
-            o_mean, o_std = Ob.reshape(-1, dO).mean(0), Ob.reshape(-1, dO).std(0) + 1e-3
-            pi = jax.jit(lambda params, o: policy.apply(params, (o - o_mean) / o_std))
-        X, ctrl = jnp.asarray(np.asarray(X), jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ctrl)
-        mu_t = jnp.einsum("mtux,mntx->mntu", ctrl.K, X) + ctrl.k[:, None]  # (M, N, T, dU)
-        prec = jnp.linalg.inv(ctrl.cov)  # (M, T, dU, dU)
-        prec = jnp.broadcast_to(prec[:, None], (M, N, T, dU, dU)).reshape(-1, dU, dU)
-        obs = ((Ob - o_mean) / o_std).reshape(-1, dO)
-        pstate, loss = s_step(pstate, key, jnp.asarray(obs, jnp.float32), mu_t.reshape(-1, dU), prec,
-                              args.policy_steps, args.policy_batch_size)
-        pol_var = 1.0 / np.diag(np.asarray(prec.mean(0)))  # cbfinn/gps: var = 1 / diag(mean precision)
-        return pstate, loss
 
-    def policy_act(noise):  # u_t = pi_theta(o_t) + noise_t
-        return lambda x, o, t: np.asarray(pi(pstate.params, jnp.asarray(o, jnp.float32))) + noise[t]
+# --------------------------------------------------------------------------
+# The phases of an iteration (main calls them in order)
+# --------------------------------------------------------------------------
+def policy_act(state: GPSState, args: Args, dims: Dims, noise):
+    """u_t = pi_theta(o_t) + noise_t, noise (T, dU)."""
+    return lambda x, o, t: np.asarray(policy_mean(state.policy.params, state.obs_mean, state.obs_std,
+                                                  jnp.asarray(o, jnp.float32), args, dims)) + noise[t]
 
-    for it in range(iterations):
+
+def sample(env, args: Args, dims: Dims, state: GPSState) -> tuple[GPSState, Samples]:
+    """[1] N trajectories per condition from the controllers, or (on-policy MDGPS
+    after the first iteration) from the global policy with noise of variance
+    policy_var (cbfinn/gps sample_on_policy); exact resets. They enter the
+    buffer's ring."""
+    M, N, T, S = args.conditions, args.num_samples, args.horizon, args.prior_samples
+    rng = set_numpy_rng_state(np.random.default_rng(), state.np_rng)
+    X, U, Ob = (np.zeros((M, N, T, d)) for d in dims)
+    Kn, kn, Ln = (np.asarray(a) for a in (state.ctrl.K, state.ctrl.k, np.linalg.cholesky(np.asarray(state.ctrl.cov))))
+    for m in range(M):
+        for n in range(N):
+            eps = rng.standard_normal((T, dims.dU))
+            act = (policy_act(state, args, dims, np.sqrt(state.policy_var) * eps)
+                   if args.on_policy and state.iteration > 0 else controller_act(Kn[m], kn[m], Ln[m], eps))
+            X[m, n], U[m, n], Ob[m, n] = rollout_condition(env, m, T, act, seed=int(rng.integers(2**31)))
+    slot = [(state.iteration * N + n) % S for n in range(N)]
+    buf = SampleBuffer(*(a.copy() for a in state.buffer))
+    for ring, new in ((buf.X, X), (buf.U, U), (buf.Ob, Ob)):
+        ring[:, slot] = new
+    buf.mask[:, slot] = 1.0
+    return state._replace(buffer=buf, np_rng=numpy_rng_state(rng)), Samples(X, U, Ob)
+
+
+def set_normaliser(state: GPSState, Ob) -> GPSState:
+    """Whiten the policy's observations once, from the first samples (as cbfinn/gps)."""
+    flat = Ob.reshape(-1, Ob.shape[-1])
+    return state._replace(obs_mean=flat.mean(0), obs_std=flat.std(0) + 1e-3)
+
+
+def train_policy(args: Args, dims: Dims, state: GPSState, key, samples: Samples, ctrl: LinearGaussian):
+    """[7] S-step on this iteration's samples of all conditions: the targets are
+    the controllers' means K x + k, the weights their precisions S^-1."""
+    M, N, T, dU = args.conditions, args.num_samples, args.horizon, dims.dU
+    X, ctrl = jnp.asarray(samples.X, jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ctrl)
+    mu_t = jnp.einsum("mtux,mntx->mntu", ctrl.K, X) + ctrl.k[:, None]  # (M, N, T, dU)
+    prec = jnp.linalg.inv(ctrl.cov)  # (M, T, dU, dU)
+    prec = jnp.broadcast_to(prec[:, None], (M, N, T, dU, dU)).reshape(-1, dU, dU)
+    obs = ((samples.Ob - state.obs_mean) / state.obs_std).reshape(-1, dims.dO)
+    pstate, loss = s_step(state.policy, key, jnp.asarray(obs, jnp.float32), mu_t.reshape(-1, dU), prec, args)
+    policy_var = 1.0 / np.diag(np.asarray(prec.mean(0)))  # cbfinn/gps: var = 1 / diag(mean precision)
+    return state._replace(policy=pstate, policy_var=policy_var), loss
+
+
+def policy_actions(args: Args, dims: Dims, state: GPSState, Ob) -> np.ndarray:
+    """pi_theta's mean actions at observations Ob (..., dO), as float64 data for [4]."""
+    params = state.policy.params
+    return np.asarray(policy_mean(params, state.obs_mean, state.obs_std, jnp.asarray(Ob, jnp.float32), args, dims),
+                      np.float64)
+
+
+@partial(jax.jit, static_argnums=0)
+def quadratize_all(cost_fn, X, U):
+    """[2] quadratize_cost for every condition: X (M, N, T, dX), U (M, N, T, dU)."""
+    return jax.vmap(partial(quadratize_cost, cost_fn))(X, U)
+
+
+estimate_costs = jax.jit(jax.vmap(estimate_cost))  # over conditions
+
+
+def fit_local_models(env, args: Args, state: GPSState, samples: Samples, k_dyn, k_pol, pol_buf, pol_mu) -> Fit:
+    """[2] The quadratic cost along the samples, [3] the dynamics with their GMM
+    prior, [4] (mdgps) the global policy's linearisation: per condition (vmapped),
+    in float64 (call inside main's float64 region)."""
+    M = args.conditions
+    X, U = jnp.asarray(samples.X), jnp.asarray(samples.U)
+    buf = SampleBuffer(*(jnp.asarray(a) for a in state.buffer))
+    cost, costs = quadratize_all(env.cost, X, U)  # costs (M, N, T)
+    dyn = jax.vmap(partial(fit_dynamics, args=args))(jax.random.split(k_dyn, M), buf.X, buf.U, buf.mask, X, U)
+    pol_lin = state.last.pol_lin  # lqr_flm has no global policy: its zeros stay
+    if args.algorithm == "mdgps":
+        pol_lin = jax.vmap(partial(fit_policy_linearization, args=args), in_axes=(0, 0, 0, 0, 0, 0, None))(
+            jax.random.split(k_pol, M), buf.X, jnp.asarray(pol_buf), buf.mask, X, jnp.asarray(pol_mu),
+            jnp.asarray(state.policy_var, jnp.float64))
+    return Fit(state.ctrl, dyn, cost, pol_lin, float(costs.sum(-1).mean()))
+
+
+def adjust_step(args: Args, state: GPSState, fit: Fit) -> tuple[np.ndarray, dict]:
+    """[5] Step size from predicted vs actual improvement (Laplace estimates
+    under fitted dynamics and cost). LQR-FLM, per condition (cbfinn/gps
+    algorithm_traj_opt._stepadjust): old controller vs new one under the old fit
+    (predicted) and the new fit (actual). MDGPS, one step for all
+    (algorithm_mdgps._stepadjust): previous cost vs the C-step's controller under
+    the old fit (predicted) and vs the current cost (actual): did the S-step's
+    policy realise the planned improvement? In float64."""
+    last = state.last
+    if args.algorithm == "lqr_flm":
+        prev_obj = np.asarray(estimate_costs(last.ctrl, last.dyn, last.cost))
+        predicted = prev_obj - np.asarray(estimate_costs(state.ctrl, last.dyn, last.cost))
+        actual = prev_obj - np.asarray(estimate_costs(state.ctrl, fit.dyn, fit.cost))
+    else:  # previous vs current policy cost: linearisations' estimates, or the samples' ("mc")
+        prev_obj, cur_obj = (last.mc_cost, fit.mc_cost) if args.step_rule == "mc" else (
+            np.asarray(estimate_costs(last.pol_lin, last.dyn, last.cost)).mean(),
+            np.asarray(estimate_costs(fit.pol_lin, fit.dyn, fit.cost)).mean())
+        predicted = prev_obj - np.asarray(estimate_costs(state.ctrl, last.dyn, last.cost)).mean()
+        actual = prev_obj - cur_obj
+    step_mult = new_step_mult(state.step_mult, predicted, actual, *args.step_mult_range)
+    return step_mult, {"predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual)}
+
+
+def improve_controllers(args: Args, state: GPSState, fit: Fit, step_mult):
+    """[6] C-step: the KL-bounded LQG step of every condition against its old
+    controller (lqr_flm) or the policy linearisation (mdgps), bound
+    kl_step * step_mult * T. In float64. Returns the controllers, eta, KL, bound."""
+    anchor = state.ctrl if args.algorithm == "lqr_flm" else fit.pol_lin
+    bound = args.kl_step * step_mult * args.horizon
+    anchor = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), anchor)
+    ctrl, eta, kl = jax.vmap(c_step)(anchor, fit.dyn, fit.cost, jnp.asarray(state.eta), jnp.asarray(bound))
+    return ctrl, np.asarray(eta), kl, bound
+
+
+@partial(jax.jit, static_argnums=0)
+def distances(distance_fn, X):
+    return jax.vmap(distance_fn)(X)
+
+
+def evaluate_local(env, args: Args, dims: Dims, state: GPSState, samples: Samples) -> dict:
+    """[8] The samples' final distances, and the noise-free mean controllers
+    u = K x + k, one run per condition (real steps, but not training samples:
+    nothing is fitted on them)."""
+    M, N, T = args.conditions, args.num_samples, args.horizon
+    final = np.asarray(distances(env.distance, jnp.asarray(samples.X[:, :, -1].reshape(-1, dims.dX), jnp.float32)))
+    at_bound = np.isclose(np.abs(samples.U), env.action_space.high, rtol=0, atol=1e-6)
+    Kc, kc = np.asarray(state.ctrl.K), np.asarray(state.ctrl.k)
+    mean_ctrl, _ = evaluate_conditions(env, range(M), T, [controller_act(Kc[m], kc[m]) for m in range(M)], args.seed)
+    return {"local/mean_controller_final_distance": mean_ctrl, "local/final_distance": final.mean(),
+            "local/final_distance_per_condition": final.reshape(M, N).mean(1).round(4),
+            "local/actions_at_bound": at_bound.mean()}
+
+
+def held_out_conditions(env) -> list[int]:
+    return list(range(env.num_train, len(getattr(env, "targets", getattr(env, "starts", [])))))
+
+
+def evaluate_global(env, args: Args, dims: Dims, state: GPSState) -> dict:
+    """[8] One deterministic run of the global policy per training and held-out condition."""
+    metrics = {}
+    for name, conds in (("train", range(args.conditions)), ("test", held_out_conditions(env))):
+        if conds:
+            acts = [policy_act(state, args, dims, np.zeros((args.horizon, dims.dU)))] * len(conds)
+            metrics[f"global/{name}_final_distance"], metrics[f"global/{name}_cost"] = evaluate_conditions(
+                env, conds, args.horizon, acts, args.seed)
+    return metrics
+
+
+# --------------------------------------------------------------------------
+# Input checks and the training loop
+# --------------------------------------------------------------------------
+def validate(args: Args, env) -> Dims:
+    """One-line errors for settings GPS cannot run, before anything is fitted."""
+    for name, least in (("horizon", 2), ("num_samples", 2)):  # a dynamics fit needs two steps and two samples
+        if getattr(args, name) < least:
+            fail(f"{flag(name)} must be at least {least}, got {getattr(args, name)}")
+    for name in ("init_var", "kl_step", "policy_lr", "min_step_mult", "max_step_mult"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            fail(f"{flag(name)} must be positive, got {value}")
+    check_ranges(args, at_least_1=("conditions", "prior_samples", "max_clusters", "min_points_per_cluster",
+                                   "gmm_iters", "policy_hidden", "policy_steps", "policy_batch_size"),
+                 non_negative=("policy_weight_decay",))
+    lo, hi = args.step_mult_range
+    if lo > hi:
+        fail(f"the step multiplier range is empty: --min-step-mult {lo} > --max-step-mult {hi}")
+    if args.prior_samples < args.num_samples:
+        fail(f"--prior-samples ({args.prior_samples}) must be at least --num-samples ({args.num_samples})")
+    if args.eval_episodes != 1:
+        fail(f"--eval-episodes must be 1 in GPS, got {args.eval_episodes}: the conditions reset exactly and the "
+             "evaluated policies are noise-free, so every further run would repeat the first")
+    if args.capture_video and args.algorithm == "lqr_flm":
+        fail("--capture-video films the global policy, which --algorithm lqr_flm does not train")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        fail("--capture-video needs moviepy (pip install moviepy)")
+    if not isinstance(env.action_space, spaces.Box):
+        fail(f"GPS needs a continuous (Box) action space; '{args.env_id}' has {env.action_space}")
+    if args.conditions > env.num_train:
+        fail(f"--conditions {args.conditions} exceeds the {env.num_train} training conditions of '{args.env_id}'")
+    limit = env.spec.max_episode_steps if env.spec is not None else None
+    if limit is not None and args.horizon > limit:
+        fail(f"--horizon {args.horizon} exceeds the {limit}-step time limit of '{args.env_id}'")
+    if args.iterations < 1:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one iteration ({args.steps_per_iteration} "
+             "steps = --conditions x --num-samples x --horizon)")
+    if args.algorithm == "mdgps" and args.policy_batch_size > args.steps_per_iteration:
+        fail(f"--policy-batch-size {args.policy_batch_size} exceeds the {args.steps_per_iteration} points the S-step "
+             "trains on (--conditions x --num-samples x --horizon)")
+    dims = Dims(env.dim_state, env.action_space.shape[0], env.observation_space.shape[0])
+    # The largest arrays: the buffer (NumPy, its float64 copy, the policy's actions on it) and, per
+    # condition, the GMM's per-cluster residuals over all its (x, u, x') points.
+    points, P = args.conditions * args.prior_samples * args.horizon, 2 * dims.dX + dims.dU
+    check_memory(8 * points * (3 * sum(dims) + args.max_clusters * (P + 3)),
+                 f"the GMM prior over {args.prior_samples} trajectories per condition",
+                 hint="lower --prior-samples or --max-clusters")
+    return dims
+
+
+def main(args: Args) -> dict:
+    env = make_conditions_env(args.env_id)
+    dims = validate(args, env)
+    key = seed_everything(args.seed)
+    run = Run(args)
+    state = run.restore(init_state(args, dims, key))  # [0], or the checkpoint's state on --resume
+    mdgps, history, start = args.algorithm == "mdgps", [], time.time()
+
+    for it in range(state.iteration, args.iterations):
         t0 = time.time()
-        # [1] N samples per condition from the controllers, or (on-policy MDGPS,
-        # after the first iteration) from the global policy with noise of
-        # variance pol_var (cbfinn/gps sample_on_policy); exact resets.
-        X, U, Ob = (np.zeros((M, N, T, d)) for d in (dX, dU, dO))
-        Kn, kn, Ln = (np.asarray(a) for a in (ctrl.K, ctrl.k, np.linalg.cholesky(np.asarray(ctrl.cov))))
-        for m in range(M):
-            for n in range(N):
-                eps = rng.standard_normal((T, dU))
-                act = (policy_act(np.sqrt(pol_var) * eps) if on_policy and prev is not None
-                       else controller_act(Kn[m], kn[m], Ln[m], eps))
-                X[m, n], U[m, n], Ob[m, n] = rollout_condition(env, m, T, act, seed=int(rng.integers(2**31)))
-        slot = [(it * N + n) % S for n in range(N)]
-        for name, arr in (("X", X), ("U", U), ("Ob", Ob)):
-            buf[name][:, slot] = arr
-        buf["mask"][:, slot] = 1.0
-        key, k_dyn, k_pol, k_s = jax.random.split(key, 4)
-        with jax.enable_x64(True):  # [2]-[6] in float64, as the reference: near-singular covariances
-            Xj, Uj = jnp.asarray(X), jnp.asarray(U)
-            bufj = {k: jnp.asarray(v) for k, v in buf.items()}
-            # [2] Quadratic cost along the samples; [3] dynamics with the GMM prior.
-            cost, costs = quadratize(Xj, Uj)  # costs (M, N, T)
-            mc_cost = float(costs.sum(-1).mean())  # the samples' mean trajectory cost
-            dyn = fit_dyn(jax.random.split(k_dyn, M), bufj["X"], bufj["U"], bufj["mask"], Xj, Uj)
-        check_finite(it, dynamics_F=dyn.F, dynamics_cov=dyn.cov, cost_C=cost.C)
+        with run.timed("sample"):
+            state, samples = sample(env, args, dims, state)  # [1]
+        key, k_dyn, k_pol, k_s = jax.random.split(state.key, 4)
+        state = state._replace(key=key)
+        pol_buf = pol_mu = None
+        if mdgps:
+            with run.timed("policy"):
+                if it == 0:  # the policy first catches up with the initial controllers [7]
+                    state, loss = train_policy(args, dims, set_normaliser(state, samples.Ob), k_s, samples, state.ctrl)
+                    check_finite(it + 1, unit="iteration", policy_loss=loss)
+                # pi_theta's actions along the buffer and the samples: the data of its linearisation [4]
+                pol_buf, pol_mu = (policy_actions(args, dims, state, ob) for ob in (state.buffer.Ob, samples.Ob))
 
-        metrics = {}
-        pol_lin = None
-        if args.algorithm == "mdgps":
-            if prev is None:  # the policy first catches up with the initial controllers
-                pstate, _ = train_policy(pstate, k_s, Xj, Ob, ctrl)
-            # [4] Linearise the global policy around the samples.
-            pol_buf = np.asarray(pi(pstate.params, jnp.asarray(buf["Ob"], jnp.float32)), np.float64)
-            pol_mu = np.asarray(pi(pstate.params, jnp.asarray(Ob, jnp.float32)), np.float64)
-            with jax.enable_x64(True):
-                pol_lin = fit_pol(jax.random.split(k_pol, M), bufj["X"], jnp.asarray(pol_buf), bufj["mask"], Xj,
-                                  jnp.asarray(pol_mu), jnp.asarray(pol_var, jnp.float64))
+        # ------------------------------------------------------------------
+        # The float64 region, [2]-[6], as the reference's numpy: the (x, u, x')
+        # covariances are nearly singular (the dynamics are almost deterministic)
+        # and the GMM's Cholesky factorisations fail in float32. The policy stays
+        # float32, outside.
+        # ------------------------------------------------------------------
+        with jax.enable_x64(True), run.timed("trajectory_optimisation"):
+            fit = fit_local_models(env, args, state, samples, k_dyn, k_pol, pol_buf, pol_mu)  # [2]-[4]
+            check_finite(it + 1, unit="iteration", dynamics_F=fit.dyn.F, dynamics_cov=fit.dyn.cov, cost_C=fit.cost.C)
+            metrics, step_mult = {}, state.step_mult
+            if it > 0:
+                step_mult, metrics = adjust_step(args, state, fit)  # [5]
+            ctrl, eta, kl, bound = improve_controllers(args, state, fit, step_mult)  # [6]
+            check_finite(it + 1, unit="iteration", controller_K=ctrl.K, controller_cov=ctrl.cov)
+        state = state._replace(ctrl=ctrl, step_mult=step_mult, eta=eta, last=fit)
 
-        # [5] Step size from predicted vs actual improvement (est_M: Laplace
-        # estimates under fitted dynamics and cost). LQR-FLM, per condition
-        # (cbfinn/gps algorithm_traj_opt._stepadjust): old controller vs new one
-        # under the old fit (predicted) and the new fit (actual). MDGPS, one step
-        # for all (algorithm_mdgps._stepadjust): previous cost vs the C-step's
-        # controller under the old fit (predicted) and vs the current cost (actual):
-        # did the S-step's policy realise the planned improvement?
-        if prev is not None:
-            with jax.enable_x64(True):
-                if args.algorithm == "lqr_flm":
-                    prev_obj = np.asarray(est_M(prev["ctrl"], prev["dyn"], prev["cost"]))
-                    predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"]))
-                    actual = prev_obj - np.asarray(est_M(ctrl, dyn, cost))
-                else:  # previous vs current policy cost: linearisations' estimates, or the samples' ("mc")
-                    prev_obj, cur_obj = (prev["mc"], mc_cost) if args.step_rule == "mc" else (
-                        np.asarray(est_M(prev["pol_lin"], prev["dyn"], prev["cost"])).mean(),
-                        np.asarray(est_M(pol_lin, dyn, cost)).mean())
-                    predicted = prev_obj - np.asarray(est_M(ctrl, prev["dyn"], prev["cost"])).mean()
-                    actual = prev_obj - cur_obj
-            step_mult = new_step_mult(step_mult, predicted, actual, *mult_range)
-            metrics.update({"predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual)})
-
-        # [6] C-step: KL-bounded LQG against the old controller or the policy linearisation.
-        anchor = ctrl if args.algorithm == "lqr_flm" else pol_lin
-        bound = args.kl_step * step_mult * T
-        with jax.enable_x64(True):
-            anchor = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), anchor)
-            new_ctrl, eta_new, kl = c_step_M(anchor, dyn, cost, jnp.asarray(eta), jnp.asarray(bound))
-        check_finite(it, controller_K=new_ctrl.K, controller_cov=new_ctrl.cov)
-        eta = np.asarray(eta_new)
-        prev = {"ctrl": ctrl, "dyn": dyn, "cost": cost, "pol_lin": pol_lin, "mc": mc_cost}
-
-        # [7] S-step with the new controllers' means on this iteration's samples.
-        if args.algorithm == "mdgps":
-            pstate, s_loss = train_policy(pstate, k_s, Xj, Ob, new_ctrl)
-            check_finite(it, policy_loss=s_loss)
+        if mdgps:  # [7] S-step with the new controllers' means on this iteration's samples
+            with run.timed("policy"):
+                state, s_loss = train_policy(args, dims, state, k_s, samples, ctrl)
+            check_finite(it + 1, unit="iteration", policy_loss=s_loss)
             metrics["policy_loss"] = s_loss
-        ctrl = new_ctrl
 
-        # [8] Evaluation: the samples' final distances, the mean controllers, and
-        # one deterministic run of the global policy per condition.
-        samples = (it + 1) * M * N * T
-        final = np.asarray(dist_fn(jnp.asarray(X[:, :, -1].reshape(-1, dX), jnp.float32)))
-        at_bound = np.isclose(np.abs(U), env.action_space.high, rtol=0, atol=1e-6)
-        # The noise-free mean controllers u = K x + k, one evaluation run per
-        # condition (real steps, but not training samples: nothing is fitted on them).
-        Kc, kc = np.asarray(ctrl.K), np.asarray(ctrl.k)
-        metrics["local/mean_controller_final_distance"], _ = evaluate_conditions(
-            env, range(M), T, [controller_act(Kc[m], kc[m]) for m in range(M)], args.seed)
-        metrics.update({"iteration": it + 1, "local/final_distance": final.mean(),
-                        "local/final_distance_per_condition": final.reshape(M, N).mean(1).round(4),
-                        "local/actions_at_bound": at_bound.mean(),
-                        "local/cost": mc_cost, "kl": np.asarray(kl).mean(),
-                        "kl_bound": float(np.mean(bound)), "eta": eta.mean(), "step_mult": step_mult.mean(),
-                        "iteration_time": time.time() - t0})
-        if args.algorithm == "mdgps" and ((it + 1) % args.eval_interval == 0 or it + 1 == iterations):
-            for name, conds in (("train", range(M)), ("test", test_conds)):
-                if conds:
-                    metrics[f"global/{name}_final_distance"], metrics[f"global/{name}_cost"] = evaluate_conditions(
-                        env, conds, T, [policy_act(np.zeros((T, dU)))] * len(conds), args.seed)
-        run.log(metrics, samples)
-        history.append({k: np.asarray(v).tolist() for k, v in metrics.items()} | {"samples": samples,
-                                                                     "time": time.time() - start})
+        with run.timed("evaluate"):  # [8]
+            metrics |= {"iteration": it + 1, **evaluate_local(env, args, dims, state, samples),
+                        "local/cost": fit.mc_cost, "kl": np.asarray(kl).mean(), "kl_bound": float(np.mean(bound)),
+                        "eta": eta.mean(), "step_mult": step_mult.mean(), "iteration_time": time.time() - t0}
+            if mdgps and ((it + 1) % args.eval_interval == 0 or it + 1 == args.iterations):
+                metrics |= evaluate_global(env, args, dims, state)
+        state = state._replace(iteration=it + 1)
+        steps = (it + 1) * args.steps_per_iteration
+        run.log(metrics, steps)
+        history.append({k: np.asarray(v).tolist() for k, v in metrics.items()}
+                       | {"samples": steps, "time": time.time() - start})
+        if run.checkpoint_due(it + 1, it) or it + 1 == args.iterations:  # counted in iterations
+            run.save(state, steps)
 
     if args.save_model:
-        save_checkpoint(run.dir / "model.msgpack", {"policy": pstate.params, "controllers": ctrl._asdict(),
-                                                    "obs_mean": o_mean, "obs_std": o_std})
+        save_checkpoint(run.dir / "model.msgpack", {"policy": state.policy.params, "controllers": state.ctrl._asdict(),
+                                                    "obs_mean": state.obs_mean, "obs_std": state.obs_std})
     if args.capture_video:
         video_env = make_conditions_env(args.env_id, render_mode="rgb_array")
-        record_video(video_env, lambda o: policy_act(np.zeros((1, dU)))(None, o, 0),
-                     run.dir / "videos", episodes=1, seed=args.seed, max_steps=T)
+        record_video(video_env, lambda o: policy_act(state, args, dims, np.zeros((1, dims.dU)))(None, o, 0),
+                     run.dir / "videos", episodes=1, seed=args.seed, max_steps=args.horizon)
     run.close()
-    return {"history": history, "controllers": ctrl, "policy_params": pstate.params, "run_dir": run.dir}
+    return {"history": history, "controllers": state.ctrl, "policy_params": state.policy.params, "run_dir": run.dir}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(Args, main)

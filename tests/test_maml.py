@@ -1,15 +1,19 @@
 """MAML: the meta-gradient, TRPO's pieces, the baseline, and "it learns"."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import run_algo
+from cli import cli_error, comparable, kill_after_checkpoint, run_algo
 from jax.flatten_util import ravel_pytree
 
 from algos import maml
+from common.checkpoints import load_checkpoint, save_checkpoint
+from common.checks import Divergence
+from common.experiment import read_metrics
 
 DIMS = maml.Dims(obs_dim=2, action_dim=2, horizon=6)
 
@@ -195,7 +199,8 @@ def test_cli_smoke_and_bad_inputs(tmp_path):
     assert (run_dir / "policy.msgpack").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") == 2
     for flags, message in ((["--env-id", "DynaMaze-v0"], "needs a task family"),
                            (["--env-id", "PointNav2D-v1"], "unknown env id"),
-                           (["--inner-steps", "-1"], "must be >= 0")):
+                           (["--inner-steps", "-1"], "must be >= 0"),
+                           (["--init-params", "no/such/policy.msgpack"], "does not exist")):
         out = cli(*flags, cwd=tmp_path)
         assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
@@ -240,3 +245,121 @@ def test_gym_sampler_gives_each_env_its_task():
     assert [float(t) for t in sampler.envs.get_attr("task")] == [1.0, 1.0, -1.0, -1.0]
     assert batch.obs.shape == (2, 2, 4, 17) and batch.action.shape == (2, 2, 4, 6)
     assert np.all(np.asarray(batch.mask) == 1.0) and np.all(np.isfinite(np.asarray(batch.logp)))
+
+
+def test_gym_sampler_state_continues_through_a_checkpoint(tmp_path):
+    """The MuJoCo sampler's reset-seed counter and sub-env states round-trip
+    through a checkpoint file: a new sampler then draws the same next batch."""
+    cfg = tiny_config(meta_batch=2, trajectories_per_task=2)
+    dims = maml.Dims(obs_dim=17, action_dim=6, horizon=4)
+    policy = maml.GaussianMLP(dims.action_dim, (8,))
+    params = maml.broadcast(policy.init(jax.random.PRNGKey(0), jnp.zeros(dims.obs_dim)), 2)
+    tasks, key = jnp.array([1.0, -1.0]), jax.random.PRNGKey(1)
+    sampler = maml.GymTaskSampler("HalfCheetahDir-v0", policy.apply, cfg, dims, seed=0)
+    sampler(params, tasks, key)
+    path = save_checkpoint(tmp_path / "sampler.msgpack", sampler.state())
+    expected = sampler(params, tasks, key)
+    other = maml.GymTaskSampler("HalfCheetahDir-v0", policy.apply, cfg, dims, seed=123)
+    other.set_state(load_checkpoint(path, other.state()))
+    got = other(params, tasks, key)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------
+# Surviving: kill -9 and resume, divergence, bad input
+# ----------------------------------------------------------------------------
+TINY = ["--meta-batch", "2", "--trajectories-per-task", "2", "--hidden-sizes", "8", "8", "--eval-episodes", "2",
+        "--test-steps", "1"]  # PointNav2D-v0: 800 env steps per meta-iteration
+
+
+def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
+    flags = [*TINY, "--total-timesteps", "16000", "--eval-interval", "4000", "--checkpoint-interval", "800"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = cli(*flags, cwd=tmp_path / "a")
+    assert full.returncode == 0, full.stderr[-2000:]
+    run_dir, step = kill_after_checkpoint("maml", *flags, cwd=tmp_path / "b", min_step=2400)
+    assert step < 16000
+    resumed = cli("--resume", str(run_dir), cwd=tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    (full_dir,) = (tmp_path / "a" / "runs").iterdir()
+    expected = comparable(read_metrics(full_dir))
+    assert comparable(read_metrics(run_dir)) == expected
+    assert [r["global_step"] for r in expected] == list(range(800, 16001, 800))
+    assert sum("eval/return_after_1_steps" in r for r in expected) == 4
+
+
+def test_divergence_names_the_step_and_quantity_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real, calls = maml.meta_iteration, []
+
+    def poisoned(*a, **k):  # the third meta-iteration (env step 2400) reports a NaN surrogate gain
+        theta, info = real(*a, **k)
+        calls.append(1)
+        return theta, ({**info, "surrogate_gain": jnp.nan} if len(calls) == 3 else info)
+
+    monkeypatch.setattr(maml, "meta_iteration", poisoned)
+    args = maml.Args(meta_batch=2, trajectories_per_task=2, hidden_sizes=(8, 8), eval_episodes=2, test_steps=1,
+                     total_timesteps=4000, eval_interval=1600, checkpoint_interval=800)
+    with pytest.raises(Divergence) as e:
+        maml.main(args)
+    message = str(e.value)
+    assert message.startswith("error: training diverged at env step 2400: 'surrogate_gain' is not finite")
+    assert "\n" not in message and "checkpoint.msgpack (step 1600)" in message
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = load_checkpoint(run_dir / "checkpoint.msgpack")
+    assert int(saved["run"]["step"]) == 1600 and int(saved["state"]["iteration"]) == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_step"] for r in rows] == [800, 1600]
+
+
+@pytest.fixture(scope="module")
+def init_files(tmp_path_factory):
+    """Checkpoints --init-params should refuse: corrupt bytes, a different tree, other shapes."""
+    folder = tmp_path_factory.mktemp("init")
+    (folder / "corrupt.msgpack").write_bytes(b"\xc1 not a checkpoint")
+    save_checkpoint(folder / "tree.msgpack", {"w": np.zeros(3)})
+    save_checkpoint(folder / "shape.msgpack", maml.GaussianMLP(2, (4, 4)).init(jax.random.PRNGKey(0), jnp.zeros(2)))
+    return folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--estimator", "promp", "--promp-steps", "0"], "--promp-steps must be >= 1, got 0"),
+    (["--init-params", "{init}/missing.msgpack"], "--init-params '{init}/missing.msgpack' does not exist"),
+    (["--init-params", "{init}/corrupt.msgpack"], "is corrupt or not a flax msgpack file"),
+    (["--init-params", "{init}/tree.msgpack"], "does not match this run"),
+    (["--init-params", "{init}/shape.msgpack"], "has shape"),
+    (["--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    (["--total-timesteps", "0"], "--total-timesteps must be >= 1"),
+    (["--total-timesteps", "79999"], "less than one meta-iteration"),
+    (["--cg-iters", "0"], "--cg-iters must be >= 1"),
+    (["--capture-video"], "--capture-video is not supported"),
+    (["--meta-batch", "0"], "--meta-batch must be >= 1"),
+    (["--trajectories-per-task", "0"], "--trajectories-per-task must be >= 1"),
+    (["--inner-steps", "-1"], "--inner-steps must be >= 0"),
+    (["--test-steps", "-1"], "--test-steps must be >= 0"),
+    (["--inner-lr", "-0.5"], "--inner-lr must be > 0"),
+    (["--max-kl", "0"], "--max-kl must be > 0"),
+    (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
+    (["--backtrack-ratio", "1.0"], "--backtrack-ratio must be < 1"),
+    (["--backtrack-ratio", "0"], "--backtrack-ratio must be in (0, 1]"),
+    (["--backtrack-steps", "0"], "--backtrack-steps must be >= 1"),
+    (["--cg-damping", "-1"], "--cg-damping must be >= 0"),
+    (["--promp-lr", "0", "--estimator", "promp"], "--promp-lr must be > 0"),
+    (["--promp-clip", "-0.1"], "--promp-clip must be > 0"),
+    (["--hidden-sizes", "0", "8"], "--hidden-sizes must be >= 1"),
+    (["--estimator", "promp", "--inner-steps", "0"], "--estimator promp needs --inner-steps >= 1"),
+    (["--estimator", "reptile"], "--estimator"),
+    (["--env-id", "DynaMaze-v0"], "needs a task family"),
+    (["--env-id", "PointNav2D-v1"], "unknown env id"),
+    (["--meta-batch", "1000000", "--trajectories-per-task", "1000", "--total-timesteps", str(10**15)],
+     "the trajectory batches need"),
+    (["--seed", "-1"], "--seed must be in"),
+])
+def test_bad_input_is_one_line_error(init_files, tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    flags = [f.format(init=init_files) for f in flags]
+    assert message.format(init=init_files) in cli_error(maml, *flags)
+    assert not (tmp_path / "runs").exists()  # refused before the run directory

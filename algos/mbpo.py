@@ -463,11 +463,11 @@ def validate(args: Args) -> None:
         fail(f"D_model would hold {model_size(a, min_k)} rows (--model-retain-epochs x --rollout-batch-size x "
              f"--epoch-length / --model-train-freq x k), fewer than the {a.rollout_batch_size} rollouts of one "
              "branch step; raise --epoch-length or --model-retain-epochs")
-    # The two buffers (float32 rows of s, a, r, s', terminated), plus one serialised copy
-    # of them while a checkpoint is written.
+    # The two buffers (float32 rows of s, a, r, s', terminated), plus one more copy of them
+    # while a checkpoint is written (measured: +1x) or read back on --resume.
     row_bytes, d_model = 4 * (2 * dims.obs_dim + dims.act_dim + 2), model_size(a, a.rollout_schedule[3])
     check_memory(2 * (a.total_timesteps + d_model) * row_bytes,
-                 f"D_env ({a.total_timesteps} rows) and D_model ({d_model} rows)",
+                 f"D_env + D_model ({a.total_timesteps} + {d_model} rows)",
                  "lower --rollout-batch-size, --model-retain-epochs or --total-timesteps")
 
 
@@ -514,6 +514,7 @@ def main(args: Args) -> dict:
     set_env_state(eval_env, state["eval_env"])
     obs, ep_return = np.asarray(state["obs"]), float(state["ep_return"])
     returns = [float(r) for r in state["returns"] if not np.isnan(r)]  # the last 10 episodes' returns
+    del state  # the buffers live in real_buf and model_buf from here on (memory)
 
     def checkpoint():
         recent = np.full(10, np.nan)

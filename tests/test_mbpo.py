@@ -203,6 +203,7 @@ def test_cli_smoke(tmp_path):
     (["--env-id", "CartPole-v1"], "Box"),
     (["--env-id", "Hoper-v5"], "unknown env id"),
     (["--num-elites", "9"], "--num-elites"),
+    (["--gamma", "5", "--tau", "3"], "--gamma must be in (0, 1]"),  # not reported as divergence
 ])
 def test_cli_bad_input(tmp_path, flags, message):
     res = run_cli(tmp_path, *flags)
@@ -269,7 +270,8 @@ TINY = ["--eval-episodes", "1", "--rollout-batch-size", "250", "--model-max-epoc
     (["--batch-size", "20000"], "1000 real rows per minibatch, more than the 500 real rows"),
     (["--rollout-batch-size", "100"], "244 model rows per minibatch, more than the 100"),
     (["--epoch-length", "100"], "D_model would hold 40000 rows"),
-    (["--rollout-batch-size", "1000000", "--model-retain-epochs", "1000"], "D_model (1000000000 rows) needs about"),
+    (["--rollout-batch-size", "1000000", "--model-retain-epochs", "1000"],
+     "D_env + D_model (10000 + 1000000000 rows) needs about"),
     (["--env-id", "CartPole-v1"], "needs a continuous (Box) action space"),
     (["--env-id", "Hoper-v5"], "unknown env id"),
     (["--seed", "-1"], "--seed must be in"),

@@ -70,8 +70,9 @@ from jax.scipy.stats import multivariate_normal
 
 from common.checkpoints import numpy_rng_state, save_checkpoint, set_numpy_rng_state
 from common.checks import check_finite, check_memory, check_ranges, fail, flag
+from common.command_line import cli
 from common.envs.conditions import evaluate_conditions, make_conditions_env, rollout_condition
-from common.experiment import CommonArgs, Run, cli, record_video, seed_everything
+from common.experiment import CommonArgs, Run, record_video, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)

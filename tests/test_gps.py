@@ -4,8 +4,8 @@ Math: the KL-constrained backward pass against a plain finite-horizon Riccati
 recursion (both limits of eta and a finite eta), the dynamics fit on a known
 linear system and the pull of the GMM prior, the closed-form trajectory KL
 against Monte Carlo, the eta search against its constraint. Env knowledge:
-exact resets. Then "it learns" on the linear point mass, a CLI smoke test and
-bad-input errors.
+exact resets. Then "it learns" on the linear point mass, a CLI smoke test,
+kill -9 and resume, an injected divergence, and bad-input errors.
 """
 
 import json
@@ -14,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import run_algo
+from cli import cli_error, comparable, kill_after_checkpoint, run_algo
 
 from algos import gps
+from common.checkpoints import load_checkpoint
+from common.checks import Divergence
 from common.envs.conditions import make_conditions_env
+from common.experiment import read_metrics
 
 
 @pytest.fixture
@@ -247,7 +250,8 @@ def test_s_step_fits_precision_weighted_targets():
                               tx=optax.adam(1e-2))
     d0 = policy.apply(state.params, obs) - target
     loss0 = float(jnp.mean(jnp.sum(d0**2, -1)))
-    state, loss = gps.s_step(state, jax.random.PRNGKey(1), obs, target, prec, gps.Args(policy_steps=500, policy_batch_size=64))
+    args = gps.Args(policy_steps=500, policy_batch_size=64)
+    state, loss = gps.s_step(state, jax.random.PRNGKey(1), obs, target, prec, args)
     assert float(loss) < 0.05 * loss0, (float(loss), loss0)
 
 
@@ -341,3 +345,106 @@ def test_bad_input_from_the_command_line(tmp_path):
     out = run_cli(tmp_path, "--env-id", "Hopper-v5")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1 and "no exact state reset" in lines[0], out.stderr
+
+
+# ----------------------------------------------------------------------------
+# Runs that survive: resume, divergence, bad input
+# ----------------------------------------------------------------------------
+def test_kill_and_resume_equals_the_uninterrupted_run(tmp_path):
+    """A run killed with kill -9 after an iteration's checkpoint and resumed writes
+    the same metrics as the run that was never interrupted: the checkpoint holds
+    the controllers, the previous fit, the buffer, the policy and its Adam state,
+    the normaliser, step multipliers and eta, the JAX key and the NumPy generator."""
+    flags = [*TINY, "--total-timesteps", str(10 * 32)]  # 10 iterations of 32 steps
+    (tmp_path / "full").mkdir()
+    (tmp_path / "killed").mkdir()
+    full = run_algo("gps", *flags, cwd=tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    (full_dir,) = (tmp_path / "full" / "runs").iterdir()
+    run_dir, step = kill_after_checkpoint("gps", *flags, cwd=tmp_path / "killed", min_step=64)
+    assert 64 <= step < 320, step  # killed mid-run, after the iteration whose step adjustment needs the last fit
+    resumed = run_algo("gps", "--resume", str(run_dir), cwd=tmp_path / "killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {step}" in resumed.stdout
+    expected = comparable(read_metrics(full_dir))
+    assert [r["global_step"] for r in expected] == list(range(32, 321, 32))
+    assert comparable(read_metrics(run_dir)) == expected
+
+
+def test_divergence_names_the_iteration_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A NaN gain injected into the C-step of iteration 3 stops the run there
+    (1-based, as logged), naming the quantity; iteration 2's checkpoint loads."""
+    monkeypatch.chdir(tmp_path)
+    real = gps.improve_controllers
+
+    def poisoned(args, state, fit, step_mult):
+        ctrl, eta, kl, bound = real(args, state, fit, step_mult)
+        if state.iteration == 2:  # iterations done so far: this is the third
+            ctrl = ctrl._replace(K=ctrl.K.at[0, 0, 0, 0].set(jnp.nan))
+        return ctrl, eta, kl, bound
+
+    monkeypatch.setattr(gps, "improve_controllers", poisoned)
+    args = gps.Args(env_id="PointMass-v0", horizon=8, num_samples=2, conditions=2, total_timesteps=5 * 32,
+                    policy_steps=20, gmm_iters=5, prior_samples=4, policy_hidden=(8,), init_var=1.0,
+                    policy_batch_size=32)
+    with pytest.raises(Divergence) as err:
+        gps.main(args)
+    message = str(err.value)
+    assert message.startswith("error: training diverged at iteration 3: 'controller_K' is not finite (1 of ")
+    assert "\n" not in message and "checkpoint.msgpack (step 64)" in message, message
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = load_checkpoint(run_dir / "checkpoint.msgpack")
+    assert int(saved["run"]["step"]) == 64 and int(saved["state"]["iteration"]) == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+
+
+BASE = ["--env-id", "PointMass-v0", "--horizon", "8", "--num-samples", "2", "--conditions", "2",
+        "--total-timesteps", "64", "--prior-samples", "4", "--policy-batch-size", "32"]  # valid: 32 steps/iteration
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--eval-interval", "0"], "--eval-interval must be >= 1, got 0"),
+    (["--policy-steps", "0"], "--policy-steps must be >= 1, got 0"),
+    (["--policy-batch-size", "33"], "--policy-batch-size 33 exceeds the 32 points the S-step trains on"),
+    (["--horizon", "31"], "--horizon 31 exceeds the 30-step time limit of 'PointMass-v0'"),
+    (["--env-id", "Reacher-v5", "--horizon", "60"], "--horizon 60 exceeds the 50-step time limit of 'Reacher-v5'"),
+    (["--eval-episodes", "5"], "--eval-episodes must be 1 in GPS, got 5"),
+    (["--env-id", "CartPole-v1"], "no exact state reset"),
+    (["--env-id", "Nope-v0"], "unknown env id"),
+    (["--conditions", "0"], "--conditions must be >= 1, got 0"),
+    (["--conditions", "5"], "--conditions 5 exceeds the 4 training conditions of 'PointMass-v0'"),
+    (["--num-samples", "1"], "--num-samples must be at least 2, got 1"),
+    (["--horizon", "1"], "--horizon must be at least 2, got 1"),
+    (["--prior-samples", "1"], "--prior-samples (1) must be at least --num-samples (2)"),
+    (["--kl-step", "-1"], "--kl-step must be positive, got -1.0"),
+    (["--policy-lr", "0"], "--policy-lr must be positive, got 0.0"),
+    (["--init-var", "nan"], "--init-var must be a finite number"),
+    (["--min-step-mult", "2", "--max-step-mult", "1"], "the step multiplier range is empty"),
+    (["--gmm-iters", "0"], "--gmm-iters must be >= 1"),
+    (["--max-clusters", "0"], "--max-clusters must be >= 1"),
+    (["--policy-hidden", "8", "0"], "--policy-hidden must be >= 1"),
+    (["--policy-weight-decay", "-0.1"], "--policy-weight-decay must be >= 0"),
+    (["--total-timesteps", "31"], "--total-timesteps 31 is less than one iteration (32 steps"),
+    (["--algorithm", "lqr_flm", "--capture-video"], "which --algorithm lqr_flm does not train"),
+    (["--prior-samples", "100000000"], "the GMM prior over 100000000 trajectories per condition needs about"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32 - 1]"),
+    (["--step-rule", "median"], "--step-rule"),
+    (["--resume", "no/such/run"], "not a run directory"),
+])
+def test_bad_input_table(tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    text = cli_error(gps, *BASE, *argv)
+    assert message in text, text
+    assert not (tmp_path / "runs").exists() or argv[0] == "--resume"  # refused before a run directory exists
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policy-steps", "0"], "--policy-steps must be >= 1"),  # was reported as divergence
+    (["--eval-interval", "0"], "--eval-interval must be >= 1"),  # was a traceback after a full iteration
+])
+def test_bad_input_through_the_real_entry_point(tmp_path, argv, message):
+    out = run_cli(tmp_path, *BASE, *argv)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr + out.stdout

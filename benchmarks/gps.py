@@ -55,9 +55,8 @@ def run(algorithm: str, seeds: list[int], iterations: int) -> dict:
     for seed in seeds:
         out = {}
         with scratch_dir(), timer(out):
-            args = gps.Args(seed=seed, algorithm=algorithm)
-            args.total_timesteps = iterations * args.conditions * args.num_samples * args.horizon
-            res = gps.main(args)
+            steps = iterations * gps.Args(algorithm=algorithm).steps_per_iteration
+            res = gps.main(gps.Args(seed=seed, algorithm=algorithm, total_timesteps=steps))
         hist = res["history"]
         r = {"seed": seed, "samples": [h["samples"] for h in hist], "wall_seconds": out["wall_seconds"]}
         for name, key in KEYS.items():
@@ -85,7 +84,7 @@ def main():
     a = p.parse_args()
     defaults = gps.Args()
     it = a.iterations
-    steps = it * defaults.conditions * defaults.num_samples * defaults.horizon
+    steps = it * defaults.steps_per_iteration
     out_name = "gps" if it == 10 else f"gps_{it}it"
     target = {k: f"target <= {v}" + ("" if it == 10 else " (at 10 iterations)") for k, v in TARGETS.items()}
 

@@ -497,17 +497,16 @@ def main(args: Args) -> dict:
     example = transition(np.zeros(dims.obs_dim), np.zeros(dims.act_dim), 0.0, np.zeros(dims.obs_dim), 0.0)
     # D_model is allocated once for the largest k; SAC samples from its newest
     # model_size(k_now) rows (ReplayBuffer.sample_recent).
-    state = dict(sac=create_sac(k_sac, dims, args), model=ens.create(ensemble_config(args, dims), k_model),
-                 real_buf=ReplayBuffer.create(example, args.total_timesteps),
-                 model_buf=ReplayBuffer.create(example, model_size(args, args.rollout_schedule[3])),
-                 model_size=np.int64(0), model_metrics=dict(holdout_mse=np.float64(0), epochs=np.int64(0),
-                                                            rollout_length=np.int64(0), alive_fraction=np.float64(0)),
-                 key=key, rng=numpy_rng_state(rng), env=env_state(env), obs=np.asarray(obs),
-                 ep_return=np.float64(0.0), returns=np.full(10, np.nan), eval_env=env_state(eval_env))
-    state = run.restore(state)
-    jax_parts = jax.tree.map(jnp.asarray, {k: state[k] for k in ("sac", "model", "real_buf", "model_buf", "key")})
-    sac, model_state, real_buf, model_buf, key = (jax_parts[k] for k in ("sac", "model", "real_buf", "model_buf",
-                                                                          "key"))
+    no_fit_yet = dict(holdout_mse=np.float64(0), epochs=np.int64(0), rollout_length=np.int64(0),
+                      alive_fraction=np.float64(0))  # what model_phase returns, before the first one
+    state = run.restore(dict(
+        sac=create_sac(k_sac, dims, args), model=ens.create(ensemble_config(args, dims), k_model),
+        real_buf=ReplayBuffer.create(example, args.total_timesteps),
+        model_buf=ReplayBuffer.create(example, model_size(args, args.rollout_schedule[3])),
+        model_size=np.int64(0), model_metrics=no_fit_yet, key=key, rng=numpy_rng_state(rng), env=env_state(env),
+        obs=np.asarray(obs), ep_return=np.float64(0.0), returns=np.full(10, np.nan), eval_env=env_state(eval_env)))
+    sac, model_state, real_buf, model_buf, key = jax.tree.map(  # restored leaves are NumPy: back to JAX arrays
+        jnp.asarray, (state["sac"], state["model"], state["real_buf"], state["model_buf"], state["key"]))
     size, model_metrics = int(state["model_size"]), state["model_metrics"]
     set_numpy_rng_state(rng, state["rng"])
     set_env_state(env, state["env"])

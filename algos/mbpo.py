@@ -447,6 +447,8 @@ def validate(args: Args) -> None:
     env = make_env(args.env_id, **TRUNCATED_OBS_KWARGS.get(args.env_id, {}))
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"MBPO (SAC) needs a continuous (Box) action space; '{args.env_id}' has {env.action_space}")
+    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        fail(f"MBPO's models need flat (1-D Box) observations; '{args.env_id}' has {env.observation_space}")
     dims = Dims(env.observation_space.shape[0], env.action_space.shape[0])
     a = resolve(args, dims.act_dim)
     if args.total_timesteps <= a.random_steps:

@@ -211,10 +211,11 @@ class Run:
 
     def restore(self, template: Any) -> Any:
         """On --resume, the checkpoint's state restored into `template`'s structure
-        (one-line error if it differs); otherwise `template` itself."""
+        (one-line error if it differs); otherwise, or when called again, `template`."""
         if self._saved is None:
             return template
-        return restore_into(template, self._saved["state"], self.dir / CHECKPOINT)
+        saved, self._saved = self._saved, None  # let the raw copy (buffers and all) be freed
+        return restore_into(template, saved["state"], self.dir / CHECKPOINT)
 
     def close(self) -> None:
         self._metrics.close()

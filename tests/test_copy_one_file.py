@@ -16,7 +16,7 @@ TINY = {
             "--total-timesteps", "80", "--eval-interval", "80", "--eval-episodes", "2"],
     "gps": ["--env-id", "PointMass-v0", "--horizon", "8", "--num-samples", "2", "--conditions", "2",
             "--total-timesteps", "32", "--policy-steps", "5", "--gmm-iters", "2", "--prior-samples", "4",
-            "--policy-hidden", "8", "--init-var", "1.0"],
+            "--policy-hidden", "8", "--init-var", "1.0", "--policy-batch-size", "32"],
     "maml": ["--meta-batch", "2", "--trajectories-per-task", "2", "--total-timesteps", "800",
              "--eval-interval", "800", "--eval-episodes", "2"],
     "backprop_through_model": ["--total-timesteps", "200", "--random-steps", "100", "--eval-interval", "100",

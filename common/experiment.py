@@ -128,6 +128,8 @@ class Run:
 
     def _create(self, root: Path) -> None:
         env = str(self.args.env_id).replace("/", "_")
+        if root.exists() and not root.is_dir():
+            fail(f"cannot create the run directory under '{root}': it exists and is not a folder")
         try:
             root.mkdir(parents=True, exist_ok=True)
             while True:  # a random suffix: two runs started in the same second never share a folder

@@ -20,11 +20,13 @@ total reward of the whole trial; the "fast" RL algorithm it discovers is the
 recurrent network's state update. No gradient step happens at test time.
 
 What this file implements: the GRU actor and critic, trial rollouts on pure-
-JAX task families (common/jax_envs.py: BernoulliBandit*, RandomMDP,
-PointNav2D), GAE over the whole trial, and PPO (clipped objective,
-minibatches of whole trials, back-propagation through the whole trial).
-Everything, sampling included, is one jitted program: `lax.scan` over PPO
-iterations, `vmap` over the meta-batch of tasks, `lax.map` over seeds. Left out:
+JAX task families (common/jax_envs/: BernoulliBandit* and RandomMDP in
+bandits_mdps.py, PointNav2D in navigation.py), GAE over the whole trial, and
+PPO (clipped objective, minibatches of whole trials, back-propagation through
+the whole trial). Everything, sampling included, is jitted: one call per
+evaluation period (`run_period`: `lax.scan` over its PPO iterations, `vmap`
+over the meta-batch of tasks, `lax.map` over seeds), with a checkpoint
+between periods. Left out:
 TRPO (PPO is the issue's choice and the usual one since), the paper's
 vision-based maze (Sec. 3.3). The hand-written baselines (UCB1, Thompson
 sampling, PSRL, ...) live in benchmarks/rl2.py.
@@ -33,7 +35,7 @@ Run:
     python -m algos.rl2                                        # 5 arms, n = 10
     python -m algos.rl2 --env-id BernoulliBandit10-v0 --episodes-per-trial 100
     python -m algos.rl2 --env-id RandomMDP-v0 --episodes-per-trial 10
-    python -m algos.rl2 --num-seeds 3                          # 3 seeds, one program
+    python -m algos.rl2 --num-seeds 3                          # 3 seeds in each jitted call
 
 Algorithm (numbers mark the code below):
     Initialise the GRU policy pi_theta and value V_phi.
@@ -48,7 +50,7 @@ Algorithm (numbers mark the code below):
           for the meta-learner (its return runs to the end of the trial)
             delta_t = r_t + gamma V_{t+1} - V_t,  V_T = 0
             A_t = sum_l (gamma lambda)^l delta_{t+l},  R_t = A_t + V_t
-      [4] for E epochs, for minibatches of whole trials:
+      [4] for K epochs (--update-epochs), for minibatches of whole trials:
             re-run the GRU over each trial from h_0 = 0 (backprop through time),
             L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A)
                 + c_v (V - R)^2 - c_H entropy,  rho = pi_new / pi_old;  Adam step
@@ -59,7 +61,8 @@ Algorithm (numbers mark the code below):
 from __future__ import annotations
 
 import dataclasses
-import time
+import functools
+import json
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -67,13 +70,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tyro
 from flax.training.train_state import TrainState
 from gymnasium import spaces
-from jax.flatten_util import ravel_pytree
 
+from common.checkpoints import save_checkpoint
+from common.checks import check_finite_series, check_memory, check_ranges, fail
+from common.command_line import cli
 from common.envs import make_env
-from common.experiment import CommonArgs, Run, check_finite, fail, save_checkpoint, seed_everything
+from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
 
 
@@ -122,45 +126,54 @@ class Args(CommonArgs):
     randomness is part of the exploration it learnt, so the default samples)"""
 
 
-class Config(NamedTuple):
-    """The static numbers the jitted program is built for."""
+class Dims(NamedTuple):
+    """The sizes read from the task family (static in the jitted functions)."""
 
     obs_dim: int  # size of the encoded observation
     discrete_obs: bool
     action_dim: int  # number of actions, or size of a continuous action
     discrete_action: bool
     horizon: int  # H, steps per episode
-    episodes_per_trial: int  # n
-    meta_batch: int
-    hidden_size: int
-    learning_rate: float
-    gamma: float
-    gae_lambda: float
-    clip_coef: float
-    ent_coef: float
-    vf_coef: float
-    max_grad_norm: float
-    update_epochs: int
-    num_minibatches: int
-    anneal: bool
-    time_input: bool
-    updates_per_eval: int
-    num_evals: int
-    eval_trials: int
-    eval_greedy: bool
-    num_seeds: int
 
-    @property
-    def trial_len(self) -> int:  # T = n * H
-        return self.episodes_per_trial * self.horizon
 
-    @property
-    def input_dim(self) -> int:  # obs, previous action, previous reward, done flag (, time)
-        return self.obs_dim + self.action_dim + 2 + int(self.time_input)
+def dims_of(env) -> Dims:
+    obs_space, act_space = env.observation_space, env.action_space
+    discrete_obs, discrete_action = isinstance(obs_space, spaces.Discrete), isinstance(act_space, spaces.Discrete)
+    return Dims(obs_dim=int(obs_space.n) if discrete_obs else int(np.prod(obs_space.shape)),
+                discrete_obs=discrete_obs,
+                action_dim=int(act_space.n) if discrete_action else int(np.prod(act_space.shape)),
+                discrete_action=discrete_action, horizon=int(env.horizon))
 
-    @property
-    def total_grad_steps(self) -> int:  # Adam steps over the whole training
-        return self.num_evals * self.updates_per_eval * self.update_epochs * self.num_minibatches
+
+# The numbers derived from Args and Dims.
+def trial_len(args: Args, dims: Dims) -> int:
+    """T = n * H, steps per trial."""
+    return args.episodes_per_trial * dims.horizon
+
+
+def input_dim(args: Args, dims: Dims) -> int:
+    """obs, previous action, previous reward, done flag (, time)."""
+    return dims.obs_dim + dims.action_dim + 2 + int(args.time_input)
+
+
+def steps_per_update(args: Args, dims: Dims) -> int:
+    """Env steps of one PPO iteration: B trials of T steps."""
+    return args.meta_batch * trial_len(args, dims)
+
+
+def updates_per_eval(args: Args, dims: Dims) -> int:
+    """PPO iterations per evaluation period (at least one)."""
+    return max(1, args.eval_interval // steps_per_update(args, dims))
+
+
+def num_evals(args: Args, dims: Dims) -> int:
+    """Evaluation periods of the whole training (at least one)."""
+    return max(1, args.total_timesteps // (updates_per_eval(args, dims) * steps_per_update(args, dims)))
+
+
+def total_grad_steps(args: Args, dims: Dims) -> int:
+    """Adam steps over the whole training."""
+    return num_evals(args, dims) * updates_per_eval(args, dims) * args.update_epochs * args.num_minibatches
 
 
 # ----------------------------------------------------------------------------
@@ -192,6 +205,45 @@ class RecurrentActorCritic(nn.Module):
         return jnp.concatenate([h_pi, h_v], axis=-1), out, value
 
 
+class Categorical(NamedTuple):
+    """The policy over discrete actions, from the head's logits (..., A)."""
+
+    logits: jax.Array
+
+    def log_prob(self, a):
+        return jnp.take_along_axis(jax.nn.log_softmax(self.logits), a[..., None], -1)[..., 0]
+
+    def entropy(self):
+        logp_all = jax.nn.log_softmax(self.logits)
+        return -(jnp.exp(logp_all) * logp_all).sum(-1)
+
+    def sample(self, key):
+        return jax.random.categorical(key, self.logits)
+
+    def mode(self):
+        return jnp.argmax(self.logits, -1)
+
+
+class DiagGaussian(NamedTuple):
+    """The policy over continuous actions: mean and log std (..., action_dim)."""
+
+    mean: jax.Array
+    log_std: jax.Array
+
+    def log_prob(self, a):
+        return (-0.5 * ((a - self.mean) / jnp.exp(self.log_std)) ** 2 - self.log_std
+                - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
+
+    def entropy(self):
+        return (self.log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e)).sum(-1)
+
+    def sample(self, key):
+        return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape)
+
+    def mode(self):
+        return self.mean
+
+
 class Trajectory(NamedTuple):
     """One trial (leading axes (T,), or (B, T) for a meta-batch)."""
 
@@ -204,52 +256,47 @@ class Trajectory(NamedTuple):
 
 
 class Carry(NamedTuple):
-    train_state: TrainState
+    """One seed's training state (and what the checkpoint holds per seed)."""
+
+    train_state: TrainState  # params, both optimisers' states, the Adam step count (the schedules')
     key: jax.Array
 
 
 # ----------------------------------------------------------------------------
 # Pure functions
 # ----------------------------------------------------------------------------
-def make_network(cfg: Config) -> RecurrentActorCritic:
-    return RecurrentActorCritic(cfg.action_dim, cfg.hidden_size, cfg.discrete_action)
+def make_network(args: Args, dims: Dims) -> RecurrentActorCritic:
+    return RecurrentActorCritic(dims.action_dim, args.hidden_size, dims.discrete_action)
 
 
-def encode_action(action, cfg: Config) -> jax.Array:
+def distribution(out, dims: Dims) -> Categorical | DiagGaussian:
+    """The policy of the head's output: logits, or mean and log std side by side."""
+    if dims.discrete_action:
+        return Categorical(out)
+    return DiagGaussian(*jnp.split(out, 2, axis=-1))
+
+
+def encode_action(action, dims: Dims) -> jax.Array:
     """An action as a GRU input: one-hot if discrete, the vector itself if continuous."""
-    return jax.nn.one_hot(action, cfg.action_dim) if cfg.discrete_action else jnp.asarray(action, jnp.float32)
+    return jax.nn.one_hot(action, dims.action_dim) if dims.discrete_action else jnp.asarray(action, jnp.float32)
 
 
-def encode_input(obs, prev_action, prev_reward, prev_done, cfg: Config, t_ep=0) -> jax.Array:
+def encode_input(obs, prev_action, prev_reward, prev_done, args: Args, dims: Dims, t_ep=0) -> jax.Array:
     """x_t = (obs_t, a_{t-1}, r_{t-1}, d_{t-1}) as one vector (input_dim,) (Duan Sec. 2.2).
 
     `prev_action` is already encoded (`encode_action`; zeros at the start of a
     trial, when there is no previous action). Discrete observations are
     one-hot. d_{t-1} = 1 says "obs_t is the first observation of a new episode
     of the same task": the network must not forget, but may re-plan. With
-    `cfg.time_input`, t_ep / H (t_ep the step within the episode) is appended:
+    `args.time_input`, t_ep / H (t_ep the step within the episode) is appended:
     the steps left matter to a finite-horizon plan, and the GRU would
     otherwise have to count them itself."""
-    o = jax.nn.one_hot(obs, cfg.obs_dim) if cfg.discrete_obs else jnp.reshape(obs, (cfg.obs_dim,))
-    extra = [prev_reward, prev_done] + ([jnp.asarray(t_ep) / cfg.horizon] if cfg.time_input else [])
+    o = jax.nn.one_hot(obs, dims.obs_dim) if dims.discrete_obs else jnp.reshape(obs, (dims.obs_dim,))
+    extra = [prev_reward, prev_done] + ([jnp.asarray(t_ep) / dims.horizon] if args.time_input else [])
     return jnp.concatenate([o, prev_action, jnp.stack(extra).astype(jnp.float32)])
 
 
-def distribution(out, cfg: Config):
-    """(log_prob(a), entropy, sample(key), mode) of the policy head's output."""
-    if cfg.discrete_action:
-        logp_all = jax.nn.log_softmax(out)
-        return (lambda a: jnp.take_along_axis(logp_all, a[..., None], -1)[..., 0],
-                -(jnp.exp(logp_all) * logp_all).sum(-1),
-                lambda k: jax.random.categorical(k, out), jnp.argmax(out, -1))
-    mean, log_std = jnp.split(out, 2, axis=-1)  # diagonal Gaussian
-    log_prob = lambda a: (-0.5 * ((a - mean) / jnp.exp(log_std)) ** 2 - log_std
-                          - 0.5 * jnp.log(2 * jnp.pi)).sum(-1)
-    entropy = (log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e)).sum(-1)
-    return log_prob, entropy, lambda k: mean + jnp.exp(log_std) * jax.random.normal(k, mean.shape), mean
-
-
-def rollout_trial(params, env, task, key, cfg: Config, greedy: bool = False,
+def rollout_trial(params, env, task, key, args: Args, dims: Dims, greedy: bool = False,
                   record_hidden: bool = False):
     """[2] One trial of n episodes on `task` (T = n * H steps).
 
@@ -258,33 +305,33 @@ def rollout_trial(params, env, task, key, cfg: Config, greedy: bool = False,
     ends. Returns a `Trajectory` (T, ...) and, if `record_hidden`, the hidden
     state *entering* each step (T, 2 * hidden_size), for tests.
     """
-    net = make_network(cfg)
+    net = make_network(args, dims)
     k_init, key = jax.random.split(key)
     state = env.initial(k_init, task)
 
     def step(carry, t):
         state, obs, h, prev_a, prev_r, prev_d, key = carry
         key, k_act, k_env, k_reset = jax.random.split(key, 4)
-        x = encode_input(obs, prev_a, prev_r, prev_d, cfg, t % cfg.horizon)
+        x = encode_input(obs, prev_a, prev_r, prev_d, args, dims, t % dims.horizon)
         h_next, out, value = net.apply(params, h, x)
-        log_prob, _, sample, mode = distribution(out, cfg)
-        a = mode if greedy else sample(k_act)
+        pi = distribution(out, dims)
+        a = pi.mode() if greedy else pi.sample(k_act)
         next_state = env.transition(state, a, k_env, task)
         r = env.reward(state, a, next_state, k_env, task).astype(jnp.float32)
         # An episode ends on a terminal state or after H steps (time limit).
-        done = env.terminal(next_state, k_env, task) | ((t + 1) % cfg.horizon == 0)
+        done = env.terminal(next_state, k_env, task) | ((t + 1) % dims.horizon == 0)
         reset = env.initial(k_reset, task)
         next_state = jax.tree.map(lambda a_, b_: jnp.where(done, a_, b_), reset, next_state)
         next_obs = env.observation(next_state, k_env, task)
-        traj = Trajectory(x, a, log_prob(a), value, r, done)
-        next_carry = (next_state, next_obs, h_next, encode_action(a, cfg), r, done.astype(jnp.float32), key)
+        traj = Trajectory(x, a, pi.log_prob(a), value, r, done)
+        next_carry = (next_state, next_obs, h_next, encode_action(a, dims), r, done.astype(jnp.float32), key)
         return next_carry, (traj, h)
 
-    h0 = jnp.zeros(2 * cfg.hidden_size)  # reset between trials
-    no_action = jnp.zeros(cfg.action_dim)  # no previous action at t = 0: zeros, not a one-hot
+    h0 = jnp.zeros(2 * args.hidden_size)  # reset between trials
+    no_action = jnp.zeros(dims.action_dim)  # no previous action at t = 0: zeros, not a one-hot
     init = (state, env.observation(state, k_init, task), h0, no_action, jnp.float32(0.0),
             jnp.float32(0.0), key)
-    _, (traj, hidden) = jax.lax.scan(step, init, jnp.arange(cfg.trial_len))
+    _, (traj, hidden) = jax.lax.scan(step, init, jnp.arange(trial_len(args, dims)))
     return (traj, hidden) if record_hidden else traj
 
 
@@ -306,148 +353,154 @@ def gae(rewards, values, gamma: float, lam: float):
     return adv, adv + values
 
 
-def unroll(params, x, cfg: Config):
+def unroll(params, x, args: Args, dims: Dims):
     """Re-run the GRU over trials from h_0 = 0: x (M, T, in) -> out (M, T, .), values (M, T)."""
-    net = make_network(cfg)
+    net = make_network(args, dims)
 
     def step(h, x_t):  # x_t (M, in): all trials of the minibatch advance together
         h, out, value = net.apply(params, h, x_t)
         return h, (out, value)
 
-    h0 = jnp.zeros((x.shape[0], 2 * cfg.hidden_size))
+    h0 = jnp.zeros((x.shape[0], 2 * args.hidden_size))
     _, (out, values) = jax.lax.scan(step, h0, jnp.swapaxes(x, 0, 1))  # time-major inside
     return jnp.swapaxes(out, 0, 1), jnp.swapaxes(values, 0, 1)
 
 
-def ppo_loss(params, batch: Trajectory, adv, returns, cfg: Config, ent_coef=None):
+def ppo_loss(params, batch: Trajectory, adv, returns, args: Args, dims: Dims, ent_coef=None):
     """[4] PPO clipped surrogate + value regression - entropy bonus, on whole trials.
 
     The gradient flows through the GRU over all T steps of each trial
     (backprop through time), so the policy learns what to remember."""
-    out, values = unroll(params, batch.x, cfg)
-    log_prob, entropy, _, _ = distribution(out, cfg)
-    logp = log_prob(batch.action)
+    out, values = unroll(params, batch.x, args, dims)
+    pi = distribution(out, dims)
+    logp = pi.log_prob(batch.action)
     log_ratio = logp - batch.logp
     ratio = jnp.exp(log_ratio)
     adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # per-minibatch normalisation
-    pg_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - cfg.clip_coef, 1 + cfg.clip_coef) * adv).mean()
+    pg_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef) * adv).mean()
     v_loss = 0.5 * ((values - returns) ** 2).mean()
-    ent = entropy.mean()
-    ent_coef = cfg.ent_coef if ent_coef is None else ent_coef
-    loss = pg_loss + cfg.vf_coef * v_loss - ent_coef * ent
+    ent = pi.entropy().mean()
+    ent_coef = args.ent_coef if ent_coef is None else ent_coef
+    loss = pg_loss + args.vf_coef * v_loss - ent_coef * ent
     approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance KL estimator
     return loss, {"loss/policy": pg_loss, "loss/value": v_loss, "loss/entropy": ent,
                   "loss/approx_kl": approx_kl}
 
 
-def ent_coef_at(step, cfg: Config):
+def ent_coef_at(step, args: Args, dims: Dims):
     """The entropy coefficient at Adam step `step`: with --anneal it decays
     linearly from ent_coef to 0 over training, like the step size (early on
     the bonus keeps the policy from settling on an arm before it has learnt
     to explore; at the end nothing pulls the policy away from the return)."""
-    return cfg.ent_coef * (1.0 - step / cfg.total_grad_steps) if cfg.anneal else cfg.ent_coef
+    return args.ent_coef * (1.0 - step / total_grad_steps(args, dims)) if args.anneal else args.ent_coef
 
 
-def ppo_iteration(carry: Carry, env, cfg: Config):
+def ppo_iteration(carry: Carry, env, args: Args, dims: Dims):
     """[1]-[4] One PPO iteration on a fresh meta-batch of tasks."""
     ts, key = carry
     key, k_task, k_roll, k_perm = jax.random.split(key, 4)
-    B, M = cfg.meta_batch, cfg.meta_batch // cfg.num_minibatches
+    B, M = args.meta_batch, args.meta_batch // args.num_minibatches
     # [1] a meta-batch of tasks, one trial each
     tasks = env.sample_tasks(k_task, B)
     # [2] trials, vmapped over tasks: every leaf (B, T, ...)
-    traj = jax.vmap(lambda task, k: rollout_trial(ts.params, env, task, k, cfg))(
+    traj = jax.vmap(lambda task, k: rollout_trial(ts.params, env, task, k, args, dims))(
         tasks, jax.random.split(k_roll, B))
     # [3] GAE over each whole trial
-    adv, returns = jax.vmap(lambda r, v: gae(r, v, cfg.gamma, cfg.gae_lambda))(traj.reward, traj.value)
+    adv, returns = jax.vmap(lambda r, v: gae(r, v, args.gamma, args.gae_lambda))(traj.reward, traj.value)
 
     # [4] epochs of minibatches of whole trials (never cut a trial: the GRU needs its start)
     def epoch(ts, k):
-        perm = jax.random.permutation(k, B).reshape(cfg.num_minibatches, M)
+        perm = jax.random.permutation(k, B).reshape(args.num_minibatches, M)
 
         def minibatch(ts, idx):
-            take = lambda x: x[idx]
             grads, info = jax.grad(ppo_loss, has_aux=True)(
-                ts.params, jax.tree.map(take, traj), adv[idx], returns[idx], cfg, ent_coef_at(ts.step, cfg))
+                ts.params, jax.tree.map(lambda x: x[idx], traj), adv[idx], returns[idx], args, dims,
+                ent_coef_at(ts.step, args, dims))
             return ts.apply_gradients(grads=grads), info
 
         return jax.lax.scan(minibatch, ts, perm)
 
-    ts, info = jax.lax.scan(epoch, ts, jax.random.split(k_perm, cfg.update_epochs))
+    ts, info = jax.lax.scan(epoch, ts, jax.random.split(k_perm, args.update_epochs))
     metrics = {k: v.mean() for k, v in info.items()}
     metrics["train/trial_reward"] = traj.reward.sum(1).mean()
     return Carry(ts, key), metrics
 
 
-def evaluate(params, env, key, cfg: Config):
-    """[5] Trials on new tasks: total reward of each episode of each trial (E, n)."""
+def evaluate(params, env, key, args: Args, dims: Dims):
+    """[5] Trials on new tasks: total reward of each episode of each trial (eval_episodes, n)."""
+    trials = args.eval_episodes
     k_task, k_roll = jax.random.split(key)
-    tasks = env.sample_tasks(k_task, cfg.eval_trials)
-    traj = jax.vmap(lambda task, k: rollout_trial(params, env, task, k, cfg, greedy=cfg.eval_greedy))(
-        tasks, jax.random.split(k_roll, cfg.eval_trials))
-    return traj.reward.reshape(cfg.eval_trials, cfg.episodes_per_trial, cfg.horizon).sum(-1)
+    tasks = env.sample_tasks(k_task, trials)
+    traj = jax.vmap(lambda task, k: rollout_trial(params, env, task, k, args, dims, greedy=args.eval_greedy))(
+        tasks, jax.random.split(k_roll, trials))
+    return traj.reward.reshape(trials, args.episodes_per_trial, dims.horizon).sum(-1)
 
 
-def init_carry(key, cfg: Config) -> Carry:
+def init_carry(key, args: Args, dims: Dims) -> Carry:
     k_net, key = jax.random.split(key)
-    params = make_network(cfg).init(k_net, jnp.zeros(2 * cfg.hidden_size), jnp.zeros(cfg.input_dim))
+    params = make_network(args, dims).init(k_net, jnp.zeros(2 * args.hidden_size), jnp.zeros(input_dim(args, dims)))
     # Two optimisers, one per network, each with its own gradient-norm clip: a
     # single global clip would let the value gradient (returns of 10-100 on
     # MDPs, so a large regression error early on) shrink the policy's step.
-    lr = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_grad_steps) if cfg.anneal else cfg.learning_rate
+    lr = (optax.linear_schedule(args.learning_rate, 0.0, total_grad_steps(args, dims)) if args.anneal
+          else args.learning_rate)
 
     def adam():
-        return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(lr, eps=1e-5))
+        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
 
-    label = lambda p: {"params": {name: "value" if name.startswith("value") else "policy"
-                                  for name in p["params"]}}
+    def label(p):
+        return {"params": {name: "value" if name.startswith("value") else "policy" for name in p["params"]}}
+
     tx = optax.multi_transform({"policy": adam(), "value": adam()}, label)
     return Carry(TrainState.create(apply_fn=None, params=params, tx=tx), key)
 
 
-def make_train(env, cfg: Config, log_fn=None):
-    """Build the jitted `train(key)`: cfg.num_seeds runs of RL² as one program
-    (the meta-batch of tasks is vmapped; the seeds are mapped in sequence).
+# ----------------------------------------------------------------------------
+# The jitted chunks: the start and one evaluation period, over all seeds
+# ----------------------------------------------------------------------------
+jit_static = functools.partial(jax.jit, static_argnames=("env", "args", "dims"))
 
-    Returns the final params (leading seed axis), the per-iteration training
-    metrics (num_evals * updates_per_eval, seeds) and the evaluations
-    (num_evals + 1, seeds, eval_trials, n), the first before any training.
-    """
-    steps_per_update = cfg.meta_batch * cfg.trial_len
 
-    def period(carry: Carry):
-        carry, metrics = jax.lax.scan(lambda c, _: ppo_iteration(c, env, cfg), carry, None,
-                                      length=cfg.updates_per_eval)
+@jit_static
+def start(key, env, args: Args, dims: Dims):
+    """Every seed's fresh carry (leading axis: seed) and the evaluation of the
+    untrained policies (seeds, eval_episodes, n)."""
+    carry = jax.vmap(lambda k: init_carry(k, args, dims))(jax.random.split(key, args.num_seeds))
+    k_eval0 = jax.random.fold_in(key, 7)
+    return carry, jax.lax.map(lambda p: evaluate(p, env, k_eval0, args, dims), carry.train_state.params)
+
+
+@jit_static
+def run_period(carry: Carry, env, args: Args, dims: Dims):
+    """[1]-[5] One evaluation period of every seed: updates_per_eval PPO
+    iterations, then an evaluation on new tasks.
+
+    Returns the carry, the per-iteration metrics (seeds, updates_per_eval),
+    with "params" the global norm of the params after each iteration (non-finite
+    from the iteration they went bad), the evaluation (seeds, eval_episodes, n)
+    and the progress metrics (means over seeds and iterations)."""
+
+    def iteration(carry, _):
+        carry, metrics = ppo_iteration(carry, env, args, dims)
+        return carry, {**metrics, "params": optax.global_norm(carry.train_state.params)}
+
+    def one(carry):  # one seed
+        carry, record = jax.lax.scan(iteration, carry, None, length=updates_per_eval(args, dims))
         k_eval, key = jax.random.split(carry.key)
-        return Carry(carry.train_state, key), metrics, evaluate(carry.train_state.params, env, k_eval, cfg)
+        return Carry(carry.train_state, key), record, evaluate(carry.train_state.params, env, k_eval, args, dims)
 
-    def train(key):
-        carry = jax.vmap(lambda k: init_carry(k, cfg))(jax.random.split(key, cfg.num_seeds))
-        k_eval0 = jax.random.fold_in(key, 7)
-        eval0 = jax.lax.map(lambda p: evaluate(p, env, k_eval0, cfg), carry.train_state.params)
-
-        def body(carry, i):
-            # Seeds one after another inside the program (lax.map). jax.vmap
-            # would batch them, which only pays on an accelerator, and on
-            # XLA:CPU (jax 0.10.2) the vmapped program hung at meta-batch 256
-            # x 256 units on our 2-core machine.
-            carry, metrics, ev = jax.lax.map(period, carry)
-            if log_fn is not None:  # progress, as means over seeds
-                step = (i + 1) * cfg.updates_per_eval * steps_per_update
-                jax.debug.callback(log_fn, step, {
-                    "eval/trial_reward": ev.sum(-1).mean(),
-                    **{k: v.mean() for k, v in metrics.items()}}, ordered=True)
-            return carry, (metrics, ev)
-
-        carry, (metrics, evals) = jax.lax.scan(body, carry, jnp.arange(cfg.num_evals))
-        metrics = jax.tree.map(lambda m: jnp.swapaxes(m, 1, 2).reshape(-1, cfg.num_seeds), metrics)
-        return carry.train_state.params, metrics, jnp.concatenate([eval0[None], evals])
-
-    return jax.jit(train)
+    # Seeds one after another inside the program (lax.map). jax.vmap would
+    # batch them, which only pays on an accelerator, and on XLA:CPU (jax
+    # 0.10.2) the vmapped program hung at meta-batch 256 x 256 units on our
+    # 2-core machine.
+    carry, record, ev = jax.lax.map(one, carry)
+    progress = {"eval/trial_reward": ev.sum(-1).mean(),
+                **{k: v.mean() for k, v in record.items() if k != "params"}}
+    return carry, record, ev, progress
 
 
 # ----------------------------------------------------------------------------
-# Set-up: checks and the static config
+# Set-up: checks
 # ----------------------------------------------------------------------------
 def make_task_family(env_id: str):
     """The pure-JAX task family behind `env_id`, or a one-line error saying why not."""
@@ -459,45 +512,31 @@ def make_task_family(env_id: str):
 
 
 def validate(args: Args) -> None:
-    """One-line errors for settings that cannot work."""
-    for name in ("episodes_per_trial", "meta_batch", "hidden_size", "update_epochs", "num_minibatches",
-                 "num_seeds", "eval_episodes"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    """One-line errors for settings that cannot work (before anything heavy)."""
+    check_ranges(args, at_least_1=("episodes_per_trial", "meta_batch", "hidden_size", "update_epochs",
+                                   "num_minibatches", "num_seeds"),
+                 positive=("learning_rate", "clip_coef", "max_grad_norm"), non_negative=("ent_coef", "vf_coef"),
+                 discount=("gamma",), probability=("gae_lambda",))
     if args.meta_batch % args.num_minibatches:
         fail(f"--meta-batch ({args.meta_batch}) must be a multiple of --num-minibatches "
              f"({args.num_minibatches}): minibatches hold whole trials")
-    if not (0 <= args.gamma <= 1 and 0 <= args.gae_lambda <= 1 and args.clip_coef > 0
-            and args.learning_rate > 0):
-        fail("need 0 <= gamma <= 1, 0 <= gae-lambda <= 1, clip-coef > 0 and learning-rate > 0")
     if args.capture_video:
         fail("--capture-video is not supported by RL²: a trial of a task family has nothing worth filming")
 
 
-def config_from_args(args: Args, env) -> Config:
-    obs_space, act_space = env.observation_space, env.action_space
-    discrete_obs = isinstance(obs_space, spaces.Discrete)
-    discrete_action = isinstance(act_space, spaces.Discrete)
-    steps_per_update = args.meta_batch * args.episodes_per_trial * env.horizon
-    if args.total_timesteps < steps_per_update:
+def check_sizes(args: Args, dims: Dims) -> None:
+    """Training must reach one PPO iteration, and its largest arrays must fit in memory."""
+    if args.total_timesteps < steps_per_update(args, dims):
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one PPO iteration "
-             f"(meta-batch {args.meta_batch} x {args.episodes_per_trial} episodes x {env.horizon} steps "
-             f"= {steps_per_update})")
-    updates_per_eval = max(1, args.eval_interval // steps_per_update)
-    return Config(
-        obs_dim=int(obs_space.n) if discrete_obs else int(np.prod(obs_space.shape)),
-        discrete_obs=discrete_obs,
-        action_dim=int(act_space.n) if discrete_action else int(np.prod(act_space.shape)),
-        discrete_action=discrete_action,
-        horizon=int(env.horizon), episodes_per_trial=args.episodes_per_trial,
-        meta_batch=args.meta_batch, hidden_size=args.hidden_size, learning_rate=args.learning_rate,
-        gamma=args.gamma, gae_lambda=args.gae_lambda, clip_coef=args.clip_coef, ent_coef=args.ent_coef,
-        vf_coef=args.vf_coef, max_grad_norm=args.max_grad_norm, update_epochs=args.update_epochs,
-        num_minibatches=args.num_minibatches, anneal=args.anneal, time_input=args.time_input,
-        updates_per_eval=updates_per_eval,
-        num_evals=max(1, args.total_timesteps // (updates_per_eval * steps_per_update)),
-        eval_trials=args.eval_episodes, eval_greedy=args.eval_greedy, num_seeds=args.num_seeds,
-    )
+             f"(meta-batch {args.meta_batch} x {args.episodes_per_trial} episodes x {dims.horizon} steps "
+             f"= {steps_per_update(args, dims)})")
+    T, width = trial_len(args, dims), input_dim(args, dims) + dims.action_dim + 5
+    batch = 4 * args.meta_batch * T * width  # the meta-batch of trials
+    bptt = 4 * (args.meta_batch // args.num_minibatches) * T * 2 * args.hidden_size * 8  # GRU activations kept
+    evals = 4 * args.eval_episodes * T * width + 4 * (num_evals(args, dims) + 1) * args.num_seeds \
+        * args.eval_episodes * args.episodes_per_trial
+    check_memory(2 * (batch + bptt + evals), "RL²'s trials and back-propagation through them",
+                 "lower --meta-batch, --episodes-per-trial or --eval-episodes, or raise --num-minibatches")
 
 
 # ----------------------------------------------------------------------------
@@ -506,30 +545,47 @@ def config_from_args(args: Args, env) -> Config:
 def main(args: Args) -> dict:
     validate(args)
     env = make_task_family(args.env_id)
-    cfg = config_from_args(args, env)
+    dims = dims_of(env)
+    check_sizes(args, dims)
     key = seed_everything(args.seed)
     run = Run(args)
-    steps_per_update = cfg.meta_batch * cfg.trial_len
-    print(f"RL² on {args.env_id}: trials of n = {cfg.episodes_per_trial} episodes x H = {cfg.horizon} "
-          f"steps, meta-batch {cfg.meta_batch}, {cfg.num_evals * cfg.updates_per_eval} PPO iterations "
-          f"x {steps_per_update} env steps, {cfg.num_seeds} seed(s)", flush=True)
-    start = time.time()
+    U, E, step_size = updates_per_eval(args, dims), num_evals(args, dims), steps_per_update(args, dims)
+    print(f"RL² on {args.env_id}: trials of n = {args.episodes_per_trial} episodes x H = {dims.horizon} "
+          f"steps, meta-batch {args.meta_batch}, {E * U} PPO iterations x {step_size} env steps, "
+          f"{args.num_seeds} seed(s)", flush=True)
+    with run.timed("train"):
+        carry, eval0 = start(key, env, args, dims)
+    # The checkpoint: every seed's carry (params, both optimisers' states and the
+    # Adam step count the schedules read, key), the evaluations so far (the
+    # first before any training) and the per-iteration metrics.
+    evals = np.zeros((E + 1, *eval0.shape), np.float32)
+    evals[0] = eval0
+    metric_names = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "train/trial_reward")
+    state = run.restore({"carry": carry, "evals": evals,
+                         "metrics": {k: np.zeros((E * U, args.num_seeds), np.float32) for k in metric_names}})
+    state = {"carry": state["carry"], "evals": np.array(state["evals"]),
+             "metrics": {k: np.array(v) for k, v in state["metrics"].items()}}  # writable copies
+    for i in range(run.start_step // (U * step_size), E):
+        # [1]-[5] one jitted call: U PPO iterations of every seed, then the evaluation
+        with run.timed("train"):
+            carry, record, ev, progress = jax.block_until_ready(run_period(state["carry"], env, args, dims))
+        iterations = i * U + np.arange(1, U + 1)
+        check_finite_series(iterations * step_size, **{k: v.T for k, v in record.items()})
+        state["carry"], state["evals"][i + 1] = carry, np.asarray(ev)
+        for k in metric_names:
+            state["metrics"][k][i * U:(i + 1) * U] = np.asarray(record[k]).T
+        step = (i + 1) * U * step_size
+        run.log({**progress, "steps_per_second": step * args.num_seeds / max(run.timings["train"], 1e-9)}, step)
+        if run.checkpoint_due(step, i * U * step_size):
+            run.save(state, step)
+    steps = E * U * step_size
+    run.save(state, steps)
 
-    def log_fn(step, metrics):  # called from inside the jitted program
-        step = int(step)
-        run.log({**metrics, "steps_per_second": step * cfg.num_seeds / max(time.time() - start, 1e-9)}, step)
-
-    train = make_train(env, cfg, log_fn)
-    params, metrics, evals = jax.block_until_ready(train(key))
-    wall = time.time() - start
-    steps = cfg.num_evals * cfg.updates_per_eval * steps_per_update
-    check_finite(steps, **{k: v for k, v in metrics.items()}, params=ravel_pytree(params)[0])
-
-    evals = np.asarray(evals)  # (num_evals + 1, seeds, trials, n)
+    evals = state["evals"]  # (num_evals + 1, seeds, trials, n)
     final = evals[-1].sum(-1)  # (seeds, trials) total reward per trial
     per_seed = final.mean(1)
     summary = {
-        "wall_seconds": wall,
+        "wall_seconds": run.timings["train"],
         "final_trial_reward": float(per_seed.mean()),
         "final_trial_reward_stderr": float(final.std() / np.sqrt(final.size)) if args.num_seeds == 1
         else float(per_seed.std(ddof=1) / np.sqrt(args.num_seeds)),
@@ -538,15 +594,17 @@ def main(args: Args) -> dict:
     run.log(summary, steps)
     per_episode = evals[-1].mean((0, 1))
     shown = ", ".join(f"{x:.3g}" for x in per_episode[:10])
-    print(f"final policy, mean reward of episode 1..{min(10, cfg.episodes_per_trial)} of a trial: {shown}",
+    print(f"final policy, mean reward of episode 1..{min(10, args.episodes_per_trial)} of a trial: {shown}",
           flush=True)
-    if args.save_model:  # params of every seed (leading axis) and the config to rebuild the network
-        path = save_checkpoint(run.dir / "rl2.msgpack", {"params": params, "config": cfg._asdict()})
+    params = state["carry"].train_state.params
+    if args.save_model:  # params of every seed (leading axis) and the sizes to rebuild the network
+        config = {**json.loads(json.dumps(dataclasses.asdict(args))), **dims._asdict()}
+        path = save_checkpoint(run.dir / "rl2.msgpack", {"params": params, "config": config})
         print(f"saved {path}")
     run.close()
-    return {"params": params, "metrics": metrics, "evals": evals, "config": cfg, "run_dir": run.dir,
-            **summary}
+    return {"params": params, "metrics": state["metrics"], "evals": evals, "args": args, "dims": dims,
+            "run_dir": run.dir, **summary}
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli(Args, main)

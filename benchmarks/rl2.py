@@ -20,6 +20,7 @@ trials). Results go to benchmarks/results/rl2.json, plots to benchmarks/plots/.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -223,7 +224,7 @@ SETTINGS = {
 def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> dict:
     """Train RL² (seeds vmapped in one program), then evaluate it and the
     baselines on the same eval_trials new tasks."""
-    from algos.rl2 import Args, config_from_args, evaluate, main, make_task_family
+    from algos.rl2 import Args, dims_of, evaluate, main, make_task_family, steps_per_update, updates_per_eval
 
     env_id, n, flags = SETTINGS[name]
     flags = dict(flags)
@@ -239,7 +240,7 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
         runs.append(main(args))  # prints progress; the wall time includes compilation
         walls.append(time.time() - start)
     out = {"params": jax.tree.map(lambda *x: np.concatenate(x), *[r["params"] for r in runs]),
-           "evals": np.concatenate([r["evals"] for r in runs], axis=1), "config": runs[0]["config"]}
+           "evals": np.concatenate([r["evals"] for r in runs], axis=1)}
     train_wall = float(np.mean(walls))
 
     # Final evaluation on a common set of tasks (the same for RL² and baselines).
@@ -247,11 +248,12 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
     key = jax.random.PRNGKey(12345)
     k_task, _ = jax.random.split(key)
     tasks = family.sample_tasks(k_task, eval_trials)
-    cfg = config_from_args(args, family)._replace(eval_trials=eval_trials)
+    dims = dims_of(family)
+    eval_args = dataclasses.replace(args, eval_episodes=eval_trials)
     per_seed = []
     for s in range(seeds):
         params = jax.tree.map(lambda x, s=s: x[s], out["params"])
-        per_seed.append(np.asarray(jax.jit(lambda p: evaluate(p, family, key, cfg))(params)))
+        per_seed.append(np.asarray(jax.jit(lambda p: evaluate(p, family, key, eval_args, dims))(params)))
     rl2 = np.stack(per_seed)  # (seeds, trials, n) reward of each episode
     k_base = jax.random.PRNGKey(777)
     if "Bandit" in env_id:
@@ -268,8 +270,7 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
     table["rl2"] = {"mean": float(m), "stderr": float(se), "over": f"{seeds} seeds x {eval_trials} trials",
                     "per_seed": seed_means.tolist()}
     evals = out["evals"]  # (num_evals + 1, seeds, 200, n) during training
-    steps = np.arange(evals.shape[0]) * out["config"].updates_per_eval * out["config"].meta_batch \
-        * out["config"].trial_len
+    steps = np.arange(evals.shape[0]) * updates_per_eval(args, dims) * steps_per_update(args, dims)
     return {
         "setting": name, "env_id": env_id, "n": n, "rl2_flags": flags, "seeds": seeds,
         "train_wall_seconds": train_wall, "train_wall_seconds_per_seed": walls,

@@ -530,6 +530,9 @@ def check_sizes(args: Args, dims: Dims) -> None:
         fail(f"--total-timesteps ({args.total_timesteps}) is less than one PPO iteration "
              f"(meta-batch {args.meta_batch} x {args.episodes_per_trial} episodes x {dims.horizon} steps "
              f"= {steps_per_update(args, dims)})")
+    if updates_per_eval(args, dims) * steps_per_update(args, dims) > args.total_timesteps:
+        fail(f"--eval-interval ({args.eval_interval}) is more than --total-timesteps ({args.total_timesteps}): "
+             f"the first evaluation would come after the training")
     T, width = trial_len(args, dims), input_dim(args, dims) + dims.action_dim + 5
     batch = 4 * args.meta_batch * T * width  # the meta-batch of trials
     bptt = 4 * (args.meta_batch // args.num_minibatches) * T * 2 * args.hidden_size * 8  # GRU activations kept

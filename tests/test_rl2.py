@@ -323,6 +323,7 @@ def test_divergence_names_the_true_env_step_and_keeps_the_checkpoint(tmp_path, m
     (["--env-id", "CartPole-v1"], "task family"),
     (["--meta-batch", "10", "--num-minibatches", "4"], "multiple of --num-minibatches"),
     (["--total-timesteps", "10"], "less than one PPO iteration"),
+    (["--total-timesteps", "200000", "--eval-interval", "300000"], "is more than --total-timesteps"),
     (["--meta-batch", "0"], "--meta-batch must be >= 1"),
     (["--episodes-per-trial", "0"], "--episodes-per-trial must be >= 1"),
     (["--hidden-size", "0"], "--hidden-size must be >= 1"),

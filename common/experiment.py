@@ -39,8 +39,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from common.checkpoints import load_checkpoint, read_checkpoint, restore_into, save_checkpoint  # noqa: F401
-from common.checks import BadInput, Divergence, check_finite, fail, flag  # noqa: F401
+from common.checkpoints import read_checkpoint, restore_into, save_checkpoint
+from common.checks import Divergence, fail, flag
 
 
 # --------------------------------------------------------------------------
@@ -281,5 +281,3 @@ def record_video(env, policy: Callable[[Any], Any], folder: str | Path, episodes
     env.close()
     return folder
 
-
-from common.command_line import cli, resume_args  # noqa: E402,F401  (temporary: scripts import it from here)

@@ -285,11 +285,11 @@ def test_parser_errors_become_one_line():
 
 def test_unexpected_errors_are_one_line_without_traceback(tmp_path):
     script = tmp_path / "boom.py"
-    script.write_text("from common.experiment import CommonArgs, cli\n"
+    script.write_text("from common.command_line import cli\nfrom common.experiment import CommonArgs\n"
                       "def main(args):\n    raise ValueError('bad\\nthing')\n"
                       "cli(CommonArgs, main)\n")
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
                          env={"PYTHONPATH": str(__import__("cli").ROOT), "PATH": "/usr/bin:/bin"})
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
-        "error: ValueError: bad thing (at boom.py:3) (JAX_MBRL_TRACEBACK=1 shows the traceback)"]
+        "error: ValueError: bad thing (at boom.py:4) (JAX_MBRL_TRACEBACK=1 shows the traceback)"]

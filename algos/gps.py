@@ -84,11 +84,9 @@ class Args(CommonArgs):
     eval_interval: int = 1
     """evaluate the global policy every this many iterations (GPS counts iterations)"""
     eval_episodes: int = 1
-    """runs per condition and evaluation; must be 1: the conditions reset exactly and the evaluated
-    policies are noise-free, so a second run would repeat the first"""
+    """runs per condition and evaluation; must be 1 (exact resets, noise-free policies: a second run repeats)"""
     checkpoint_interval: int | None = None
-    """write runs/<run>/checkpoint.msgpack every this many iterations (None: every --eval-interval); always
-    at the end"""
+    """write checkpoint.msgpack every this many iterations (None: every --eval-interval); always at the end"""
     algorithm: Literal["mdgps", "lqr_flm"] = "mdgps"
     """mdgps: C-step bounded by KL to the linearised global policy, then S-step; lqr_flm: controllers only"""
     sample_on_policy: bool = True
@@ -138,11 +136,6 @@ class Args(CommonArgs):
         return self.total_timesteps // self.steps_per_iteration
 
     @property
-    def on_policy(self) -> bool:
-        """Whether iterations after the first sample the global policy (plus noise)."""
-        return self.sample_on_policy and self.algorithm == "mdgps"
-
-    @property
     def step_mult_range(self) -> tuple[float, float]:
         lo, hi = (0.01, 2.0) if self.algorithm == "lqr_flm" else (0.5, 3.0)  # defaults: see the fields
         return (lo if self.min_step_mult is None else self.min_step_mult,
@@ -158,7 +151,8 @@ class Dims(NamedTuple):
 
 
 # --------------------------------------------------------------------------
-# Containers (T = horizon, dX state, dU action, D = dX + dU)
+# Containers (T = horizon, dX state, dU action, D = dX + dU), and the state of a run, GPSState: everything an
+# iteration changes (and the checkpoint holds)
 # --------------------------------------------------------------------------
 class LinearGaussian(NamedTuple):
     """p(u_t | x_t) = N(K_t x_t + k_t, cov_t): a controller or a policy linearisation."""
@@ -192,332 +186,6 @@ class GMM(NamedTuple):
     cov: jax.Array  # (K, P, P)
 
 
-def sym(a):
-    return 0.5 * (a + jnp.swapaxes(a, -1, -2))
-
-
-def init_controller(T: int, dX: int, dU: int, init_var: float) -> LinearGaussian:
-    """[0] Zero gains, isotropic noise (cbfinn/gps init_pd with zero gains)."""
-    return LinearGaussian(jnp.zeros((T, dU, dX)), jnp.zeros((T, dU)), jnp.tile(init_var * jnp.eye(dU), (T, 1, 1)))
-
-
-# --------------------------------------------------------------------------
-# GMM prior and linear-Gaussian regression (Levine et al. 2016, App. A.3)
-# --------------------------------------------------------------------------
-def fit_gmm(key, data, weights, num_clusters, max_clusters: int, iters: int) -> GMM:
-    """EM on `data` (P, D) with 0/1 point `weights` (P,), using `num_clusters`
-    (traced, <= max_clusters) clusters so that the shapes never change.
-    Random hard assignment to start; clusters whose mass falls under
-    1e-4 / K are rebooted to uniform weights (as cbfinn/gps utility/gmm.py)."""
-    P, D = data.shape
-    active = jnp.arange(max_clusters) < num_clusters
-    resp = jax.nn.one_hot(jax.random.randint(key, (P,), 0, num_clusters), max_clusters, dtype=data.dtype)
-    resp = resp * weights[:, None]
-    log_mass = jnp.where(active, -jnp.log(jnp.asarray(num_clusters, data.dtype)), -jnp.inf).astype(data.dtype)
-
-    def m_step(resp, log_mass):
-        rn = resp / jnp.maximum(resp.sum(0), 1e-12)  # (P, K), columns sum to 1
-        small = jnp.exp(log_mass) < 1e-4 / num_clusters
-        rn = jnp.where(small[None, :], (weights / weights.sum())[:, None], rn)
-        mean = rn.T @ data  # (K, D)
-        cov = jnp.einsum("pk,pd,pe->kde", rn, data, data) - mean[:, :, None] * mean[:, None, :]
-        return GMM(log_mass, mean, sym(cov) + 1e-6 * jnp.eye(D))
-
-    def em(_, gmm):
-        log_obs = gmm_log_obs(gmm, data)  # (P, K)
-        resp = jnp.exp(log_obs - logsumexp(log_obs, axis=1, keepdims=True)) * weights[:, None]
-        log_mass = jnp.where(active, jnp.log(resp.sum(0) / weights.sum()), -jnp.inf)
-        return m_step(resp, log_mass)
-
-    return jax.lax.fori_loop(0, iters, em, m_step(resp, log_mass))
-
-
-def gmm_log_obs(gmm: GMM, pts):
-    """log pi_k + log N(pts | mu_k, Sigma_k): (n, K)."""
-    logpdf = jax.vmap(lambda m, c: multivariate_normal.logpdf(pts, m, c))(gmm.mean, gmm.cov).T
-    return logpdf + gmm.log_mass
-
-
-def niw_prior(gmm: GMM, pts, num_points):
-    """Prior (mu0, Phi, m, n0) for the points `pts` (n, D): the mixture's moments
-    under the cluster weights averaged over pts, with m = 1 and
-    n0 = (num_points - 2 - D) / num_points (cbfinn/gps GMM.inference: the prior
-    counts as about one sample)."""
-    log_obs = gmm_log_obs(gmm, pts)
-    log_w = logsumexp(log_obs - logsumexp(log_obs, axis=1, keepdims=True), axis=0) - jnp.log(pts.shape[0])
-    w = jnp.exp(log_w)  # (K,)
-    mu0 = w @ gmm.mean
-    diff = gmm.mean - mu0
-    Phi = jnp.einsum("k,kde->de", w, gmm.cov + diff[:, :, None] * diff[:, None, :])
-    return mu0, Phi, 1.0, (num_points - 2.0 - pts.shape[1]) / num_points
-
-
-def fit_linear_gaussian(pts, d_in: int, prior, reg: float = 1e-6):
-    """Regress the last columns of `pts` (N, d_in + d_out) on the first d_in:
-    y ~ N(F z + f, cov), from the joint Gaussian's NIW posterior mode
-        Sigma = (N S_emp + Phi + N m / (N + m) (mu_emp - mu0)(mu_emp - mu0)^T) / (N + n0)
-    then conditioning: F = Sigma_yz Sigma_zz^-1, f = mu_y - F mu_z,
-    cov = Sigma_yy - F Sigma_zz F^T (Levine et al. 2016, App. A.3)."""
-    mu0, Phi, m, n0 = prior
-    N = pts.shape[0]
-    mu = pts.mean(0)
-    diff = pts - mu
-    emp = diff.T @ diff / N
-    d = mu - mu0
-    sigma = sym((N * emp + Phi + (N * m) / (N + m) * jnp.outer(d, d)) / (N + n0))
-    szz = sigma[:d_in, :d_in] + reg * jnp.eye(d_in)
-    F = cho_solve((cholesky(szz, lower=True), True), sigma[:d_in, d_in:]).T  # (d_out, d_in)
-    f = mu[d_in:] - F @ mu[:d_in]
-    cov = sym(sigma[d_in:, d_in:] - F @ szz @ F.T)
-    return F, f, cov
-
-
-def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, args):
-    """Per-time-step linear-Gaussian fits of out_t on in_t from the current
-    samples cur_* (N, T', .), each with the NIW prior of one GMM over all
-    (in, out) pairs of the buffer buf_* (S, T', .) (rows with mask 0 unused).
-    Returns F (T', d_out, d_in), f (T', d_out), cov (T', d_out, d_out)."""
-    S, Tp, d_in = buf_in.shape
-    data = jnp.concatenate([buf_in, buf_out], -1).reshape(S * Tp, -1)
-    weights = jnp.repeat(buf_mask, Tp)
-    num_points = weights.sum()
-    K = jnp.clip(jnp.floor(num_points / args.min_points_per_cluster), 2, args.max_clusters).astype(jnp.int32)
-    gmm = fit_gmm(key, data, weights, K, args.max_clusters, args.gmm_iters)
-    pts = jnp.concatenate([cur_in, cur_out], -1)  # (N, T', P)
-
-    def one_step(pts_t):
-        return fit_linear_gaussian(pts_t, d_in, niw_prior(gmm, pts_t, num_points))
-
-    return jax.vmap(one_step, in_axes=1)(pts)
-
-
-@partial(jax.jit, static_argnames="args")
-def fit_dynamics(key, buf_X, buf_U, buf_mask, X, U, args: Args) -> Dynamics:
-    """[3] Dynamics of one condition from its samples X (N, T, dX), U (N, T, dU)
-    and the GMM buffer (S, T, .). x0 ~ N(sample mean, diag(max(var, 1e-6))):
-    with exact resets the prior's x0 term of cbfinn/gps is zero and left out."""
-    xu = lambda X, U: jnp.concatenate([X[:, :-1], U[:, :-1]], -1)
-    F, f, cov = fit_time_varying(key, xu(buf_X, buf_U), buf_X[:, 1:], buf_mask, xu(X, U), X[:, 1:], args)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])  # no transition after T-1
-    x0_cov = jnp.diag(jnp.maximum(X[:, 0].var(0), 1e-6))
-    return Dynamics(pad(F), pad(f), pad(cov), X[:, 0].mean(0), x0_cov)
-
-
-@partial(jax.jit, static_argnames="args")
-def fit_policy_linearization(key, buf_X, buf_pol, buf_mask, X, pol_mu, pol_var, args: Args) -> LinearGaussian:
-    """[4] pi_lin(u_t | x_t) = N(K_t x_t + k_t, cov_t + diag(pol_var)): a
-    regression of the global policy's mean actions on the states along the
-    samples, with a GMM prior over (x, pi_theta(o)) (cbfinn/gps PolicyPriorGMM)."""
-    K, k, cov = fit_time_varying(key, buf_X, buf_pol, buf_mask, X, pol_mu, args)
-    return LinearGaussian(K, k, cov + jnp.diag(pol_var))
-
-
-# --------------------------------------------------------------------------
-# Cost quadratisation by autodiff
-# --------------------------------------------------------------------------
-def psd(H):
-    """Clip negative eigenvalues: the log term's Hessian is indefinite far
-    from the target, and an LQR cost must be convex (Gauss-Newton practice)."""
-    w, V = jnp.linalg.eigh(sym(H))
-    return (V * jnp.maximum(w, 0.0)) @ V.T
-
-
-def quadratize_cost(cost_fn, X, U) -> tuple[QuadCost, jax.Array]:
-    """[2] Second-order expansion of cost_fn(x, u, final) at every sample,
-    re-centred at the origin and averaged over the N samples (cbfinn/gps
-    _eval_cost). X (N, T, dX), U (N, T, dU). Also returns the costs (N, T)."""
-    T, dX = X.shape[1], X.shape[2]
-    final = jnp.arange(T) == T - 1
-
-    def one(x, u, fin):
-        v = jnp.concatenate([x, u])
-        f = lambda v: cost_fn(v[:dX], v[dX:], fin)
-        val, g, H = f(v), jax.grad(f)(v), psd(jax.hessian(f)(v))
-        return H, g - H @ v, val - g @ v + 0.5 * v @ H @ v, val
-
-    C, c, c0, vals = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0)), in_axes=(0, 0, None))(X, U, final)
-    return QuadCost(C.mean(0), c.mean(0), c0.mean(0)), vals
-
-
-# --------------------------------------------------------------------------
-# The KL-constrained LQG step (Levine & Abbeel 2014, Sec. 3; Levine et al. 2016, App. A)
-# --------------------------------------------------------------------------
-def lqg_backward(eta, prev: LinearGaussian, dyn: Dynamics, cost: QuadCost):
-    """Minimise E_p[cost/eta - log prev(u|x)] - H(p) by dynamic programming.
-
-    The Lagrangian of min E_p[cost] s.t. KL(p || prev) <= eps, divided by eta,
-    is the LQR problem with cost c/eta - log prev(u|x) plus an entropy bonus.
-    -log prev is quadratic in (x, u) because prev is linear-Gaussian:
-        0.5 [x;u]^T [[K^T P K, -K^T P], [-P K, P]] [x;u] + [x;u]^T [K^T P k; -P k],
-    P = prev.cov^-1. The maximum-entropy solution is N(K x + k, Q_uu^-1).
-    Returns the new controller and whether every Q_uu was positive definite."""
-    dX = dyn.F.shape[1]
-    P = jnp.linalg.inv(prev.cov)  # (T, dU, dU)
-    KtP = jnp.swapaxes(prev.K, 1, 2) @ P  # (T, dX, dU)
-    Ckl = jnp.concatenate([jnp.concatenate([KtP @ prev.K, -KtP], 2),
-                           jnp.concatenate([-jnp.swapaxes(KtP, 1, 2), P], 2)], 1)
-    ckl = jnp.concatenate([jnp.einsum("txu,tu->tx", KtP, prev.k), -jnp.einsum("tuv,tv->tu", P, prev.k)], 1)
-    C, c = cost.C / eta + Ckl, cost.c / eta + ckl
-
-    def step(carry, inp):
-        Vxx, Vx = carry  # value of x_{t+1}: 0.5 x^T Vxx x + x^T Vx
-        C_t, c_t, F_t, f_t = inp
-        Q = sym(C_t + F_t.T @ Vxx @ F_t)  # (D, D)
-        q = c_t + F_t.T @ (Vx + Vxx @ f_t)
-        L = cholesky(Q[dX:, dX:], lower=True)
-        ok = jnp.all(jnp.isfinite(L))
-        K = -cho_solve((L, True), Q[dX:, :dX])
-        k = -cho_solve((L, True), q[dX:])
-        cov = cho_solve((L, True), jnp.eye(L.shape[0]))
-        Vxx = sym(Q[:dX, :dX] + Q[:dX, dX:] @ K)
-        Vx = q[:dX] + Q[:dX, dX:] @ k
-        return (Vxx, Vx), (K, k, sym(cov), ok)
-
-    init = (jnp.zeros((dX, dX)), jnp.zeros(dX))
-    _, (K, k, cov, ok) = jax.lax.scan(step, init, (C, c, dyn.F, dyn.f), reverse=True)
-    return LinearGaussian(K, k, cov), jnp.all(ok)
-
-
-def lqg_forward(ctrl: LinearGaussian, dyn: Dynamics):
-    """State-action marginals N(mu_t, sigma_t) of the controller under the
-    fitted dynamics: mu (T, D), sigma (T, D, D)."""
-
-    def step(carry, inp):
-        mx, Sx = carry
-        K, k, cov, F, f, Dcov = inp
-        mu = jnp.concatenate([mx, K @ mx + k])
-        SKt = Sx @ K.T
-        sigma = jnp.block([[Sx, SKt], [SKt.T, K @ SKt + cov]])
-        return (F @ mu + f, sym(F @ sigma @ F.T + Dcov)), (mu, sigma)
-
-    _, (mu, sigma) = jax.lax.scan(step, (dyn.x0_mean, dyn.x0_cov), (*ctrl, dyn.F, dyn.f, dyn.cov))
-    return mu, sigma
-
-
-def traj_kl(mu, sigma, new: LinearGaussian, prev: LinearGaussian):
-    """sum_t E_{x_t ~ p_new}[KL(new(u|x_t) || prev(u|x_t))] in closed form.
-    Both conditionals are Gaussians whose means are affine in x, so the KL is
-    quadratic in x and its expectation under the Gaussian marginal is exact."""
-    dX = new.K.shape[2]
-    dU = new.K.shape[1]
-
-    def one(mu, sigma, K, k, cov, Kp, kp, covp):
-        Lp = cholesky(covp, lower=True)
-        Pp = cho_solve((Lp, True), jnp.eye(dU))
-        dK, dm = K - Kp, (K - Kp) @ mu[:dX] + k - kp
-        logdet = lambda L: 2 * jnp.sum(jnp.log(jnp.diag(L)))
-        quad = dm @ Pp @ dm + jnp.trace(dK.T @ Pp @ dK @ sigma[:dX, :dX])
-        return 0.5 * (jnp.trace(Pp @ cov) - dU + logdet(Lp) - logdet(cholesky(cov, lower=True)) + quad)
-
-    return jnp.maximum(jax.vmap(one)(mu, sigma, *new, *prev).sum(), 0.0)
-
-
-def estimate_cost(ctrl: LinearGaussian, dyn: Dynamics, cost: QuadCost):
-    """Expected cost of the controller under the fitted dynamics and the
-    quadratic cost (the 'Laplace' estimate of cbfinn/gps)."""
-    mu, sigma = lqg_forward(ctrl, dyn)
-    return jnp.sum(cost.c0 + 0.5 * jnp.einsum("tij,tij->t", sigma, cost.C)
-                   + 0.5 * jnp.einsum("ti,tij,tj->t", mu, cost.C, mu) + jnp.einsum("ti,ti->t", mu, cost.c))
-
-
-@jax.jit
-def c_step(prev: LinearGaussian, dyn: Dynamics, cost: QuadCost, eta0, kl_bound):
-    """[6] Find eta with KL(p_eta || prev) = kl_bound (within 10 %) by the
-    bracketing search of cbfinn/gps (geometric mean of the bracket, at most a
-    factor 10 per step, eta in [1e-8, 1e16], 50 iterations). A non-PD Q_uu
-    means eta is too small. Falls back to prev (KL 0) if nothing feasible."""
-
-    def body(s):
-        itr, eta, lo, hi, _, best, best_kl, best_eta = s
-        ctrl, ok = lqg_backward(eta, prev, dyn, cost)
-        kl = traj_kl(*lqg_forward(ctrl, dyn), ctrl, prev)
-        ok = ok & jnp.isfinite(kl) & jnp.all(jnp.isfinite(ctrl.K))
-        con = jnp.where(ok, kl - kl_bound, jnp.inf)
-        feasible = ok & (con < 0.1 * kl_bound)
-        best = jax.tree.map(lambda a, b: jnp.where(feasible, a, b), ctrl, best)
-        best_kl, best_eta = jnp.where(feasible, kl, best_kl), jnp.where(feasible, eta, best_eta)
-        too_small = con < 0  # KL below the bound: eta can decrease
-        hi, lo = jnp.where(too_small, eta, hi), jnp.where(too_small, lo, eta)
-        geo = jnp.sqrt(lo * hi)
-        new_eta = jnp.where(too_small, jnp.maximum(geo, 0.1 * hi), jnp.minimum(geo, 10.0 * lo))
-        done = (jnp.abs(con) < 0.1 * kl_bound) | (hi / lo < 1.0001) | (feasible & (itr >= 20))
-        return itr + 1, new_eta, lo, hi, done, best, best_kl, best_eta
-
-    dt = cost.C.dtype
-    init = (0, jnp.asarray(eta0, dt), jnp.asarray(1e-8, dt), jnp.asarray(1e16, dt), False, prev,
-            jnp.asarray(0.0, dt), jnp.asarray(1e16, dt))
-    s = jax.lax.while_loop(lambda s: (~s[4]) & (s[0] < 50), body, init)
-    return s[5], s[7], s[6]
-
-
-def new_step_mult(step_mult, predicted, actual, lo, hi):
-    """[5] Model the improvement as pred * m - (pred - actual) * m^2 in the
-    step multiplier m; its maximiser scales m by pred / (2 (pred - actual)),
-    clipped to [0.1, 5], then m to [lo, hi] (cbfinn/gps _set_new_mult)."""
-    mult = np.clip(predicted / (2.0 * np.maximum(1e-4, predicted - actual)), 0.1, 5.0)
-    return np.clip(mult * step_mult, lo, hi)
-
-
-# --------------------------------------------------------------------------
-# Global policy and the S-step
-# --------------------------------------------------------------------------
-class Policy(nn.Module):
-    hidden: tuple[int, ...]
-    act_dim: int
-
-    @nn.compact
-    def __call__(self, o):
-        for h in self.hidden:
-            o = nn.relu(nn.Dense(h)(o))
-        return nn.Dense(self.act_dim)(o)
-
-
-@partial(jax.jit, static_argnames="args")
-def s_step(state: TrainState, key, obs, target_mu, target_prec, args: Args):
-    """[7] Minimise the precision-weighted squared error
-        mean_j (pi_theta(o_j) - mu_j)^T S_j^-1 (pi_theta(o_j) - mu_j)
-    over all (condition, sample, time) points j: obs (P, dO) normalised,
-    target_mu (P, dU), target_prec (P, dU, dU). The weighting makes the policy
-    follow a controller where it is certain (small S) and ignore it where its
-    noise is large (Levine et al. 2016; Montgomery & Levine 2016, Alg. 2)."""
-
-    def loss_fn(params, idx):
-        d = state.apply_fn(params, obs[idx]) - target_mu[idx]
-        return jnp.mean(jnp.einsum("bi,bij,bj->b", d, target_prec[idx], d))
-
-    def update(state, k):
-        idx = jax.random.randint(k, (args.policy_batch_size,), 0, obs.shape[0])
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, idx)
-        return state.apply_gradients(grads=grads), loss
-
-    state, losses = jax.lax.scan(update, state, jax.random.split(key, args.policy_steps))
-    return state, losses[-100:].mean()
-
-
-
-# --------------------------------------------------------------------------
-# Real-environment sampling (common/envs/conditions.py rollout_condition: the
-# only Python loop, the env stands for the robot)
-# --------------------------------------------------------------------------
-def controller_act(K, k, L=None, noise=None):
-    """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU)); the mean
-    controller if noise is None."""
-    if noise is None:
-        return lambda x, o, t: K[t] @ x + k[t]
-    return lambda x, o, t: K[t] @ x + k[t] + L[t] @ noise[t]
-
-
-@partial(jax.jit, static_argnames=("args", "dims"))
-def policy_mean(params, obs_mean, obs_std, o, args: Args, dims: Dims):
-    """pi_theta's mean action on whitened observations o (..., dO), float32. The
-    product with 1 / std is what XLA makes of a division by constant statistics;
-    written out, the numbers do not depend on whether they are constants."""
-    return Policy(args.policy_hidden, dims.dU).apply(params, (o - obs_mean) * (1.0 / obs_std))
-
-
-# --------------------------------------------------------------------------
-# The state of a run: everything an iteration changes (and the checkpoint holds)
-# --------------------------------------------------------------------------
 class SampleBuffer(NamedTuple):
     """The last S = prior_samples trajectories of each condition (a ring), for the GMM priors of [3] and [4]."""
 
@@ -560,6 +228,292 @@ class GPSState(NamedTuple):
     np_rng: str  # the NumPy Generator that draws the sampling noise and the reset seeds
 
 
+def sym(a):
+    return 0.5 * (a + jnp.swapaxes(a, -1, -2))
+
+
+def init_controller(T: int, dX: int, dU: int, init_var: float) -> LinearGaussian:
+    """[0] Zero gains, isotropic noise (cbfinn/gps init_pd with zero gains)."""
+    return LinearGaussian(jnp.zeros((T, dU, dX)), jnp.zeros((T, dU)), jnp.tile(init_var * jnp.eye(dU), (T, 1, 1)))
+
+
+# --------------------------------------------------------------------------
+# GMM prior and linear-Gaussian regression (Levine et al. 2016, App. A.3)
+# --------------------------------------------------------------------------
+def fit_gmm(key, data, weights, num_clusters, max_clusters: int, iters: int) -> GMM:
+    """EM on `data` (P, D) with 0/1 point `weights` (P,), using `num_clusters` (traced, <= max_clusters) clusters so
+    that the shapes never change. Random hard assignment to start; clusters whose mass falls under 1e-4 / K are
+    rebooted to uniform weights (as cbfinn/gps utility/gmm.py)."""
+    P, D = data.shape
+    active = jnp.arange(max_clusters) < num_clusters
+    start = jax.random.randint(key, (P,), 0, num_clusters)
+    resp = jax.nn.one_hot(start, max_clusters, dtype=data.dtype) * weights[:, None]
+    log_mass = jnp.where(active, -jnp.log(jnp.asarray(num_clusters, data.dtype)), -jnp.inf).astype(data.dtype)
+
+    def m_step(resp, log_mass):
+        rn = resp / jnp.maximum(resp.sum(0), 1e-12)  # (P, K), columns sum to 1
+        small = jnp.exp(log_mass) < 1e-4 / num_clusters
+        rn = jnp.where(small[None, :], (weights / weights.sum())[:, None], rn)
+        mean = rn.T @ data  # (K, D)
+        cov = jnp.einsum("pk,pd,pe->kde", rn, data, data) - mean[:, :, None] * mean[:, None, :]
+        return GMM(log_mass, mean, sym(cov) + 1e-6 * jnp.eye(D))
+
+    def em(_, gmm):
+        log_obs = gmm_log_obs(gmm, data)  # (P, K)
+        resp = jnp.exp(log_obs - logsumexp(log_obs, axis=1, keepdims=True)) * weights[:, None]
+        log_mass = jnp.where(active, jnp.log(resp.sum(0) / weights.sum()), -jnp.inf)
+        return m_step(resp, log_mass)
+
+    return jax.lax.fori_loop(0, iters, em, m_step(resp, log_mass))
+
+
+def gmm_log_obs(gmm: GMM, pts):
+    """log pi_k + log N(pts | mu_k, Sigma_k): (n, K)."""
+    return jax.vmap(lambda m, c: multivariate_normal.logpdf(pts, m, c))(gmm.mean, gmm.cov).T + gmm.log_mass
+
+
+def niw_prior(gmm: GMM, pts, num_points):
+    """Prior (mu0, Phi, m, n0) for the points `pts` (n, D): the mixture's moments under the cluster weights averaged
+    over pts, with m = 1 and n0 = (num_points - 2 - D) / num_points (cbfinn/gps GMM.inference: the prior counts as
+    about one sample)."""
+    log_obs = gmm_log_obs(gmm, pts)
+    w = jnp.exp(logsumexp(log_obs - logsumexp(log_obs, axis=1, keepdims=True), axis=0) - jnp.log(pts.shape[0]))  # (K,)
+    mu0 = w @ gmm.mean
+    diff = gmm.mean - mu0
+    Phi = jnp.einsum("k,kde->de", w, gmm.cov + diff[:, :, None] * diff[:, None, :])
+    return mu0, Phi, 1.0, (num_points - 2.0 - pts.shape[1]) / num_points
+
+
+def fit_linear_gaussian(pts, d_in: int, prior, reg: float = 1e-6):
+    """Regress the last columns of `pts` (N, d_in + d_out) on the first d_in: y ~ N(F z + f, cov), from the joint
+    Gaussian's NIW posterior mode
+        Sigma = (N S_emp + Phi + N m / (N + m) (mu_emp - mu0)(mu_emp - mu0)^T) / (N + n0)
+    then conditioning: F = Sigma_yz Sigma_zz^-1, f = mu_y - F mu_z, cov = Sigma_yy - F Sigma_zz F^T
+    (Levine et al. 2016, App. A.3)."""
+    mu0, Phi, m, n0 = prior
+    N, mu = pts.shape[0], pts.mean(0)
+    diff, d = pts - mu, mu - mu0
+    emp = diff.T @ diff / N
+    sigma = sym((N * emp + Phi + (N * m) / (N + m) * jnp.outer(d, d)) / (N + n0))
+    szz = sigma[:d_in, :d_in] + reg * jnp.eye(d_in)
+    F = cho_solve((cholesky(szz, lower=True), True), sigma[:d_in, d_in:]).T  # (d_out, d_in)
+    f = mu[d_in:] - F @ mu[:d_in]
+    cov = sym(sigma[d_in:, d_in:] - F @ szz @ F.T)
+    return F, f, cov
+
+
+def fit_time_varying(key, buf_in, buf_out, buf_mask, cur_in, cur_out, args):
+    """Per-time-step linear-Gaussian fits of out_t on in_t from the current samples cur_* (N, T', .), each with the
+    NIW prior of one GMM over all (in, out) pairs of the buffer buf_* (S, T', .) (rows with mask 0 unused). Returns
+    F (T', d_out, d_in), f (T', d_out), cov (T', d_out, d_out)."""
+    S, Tp, d_in = buf_in.shape
+    data = jnp.concatenate([buf_in, buf_out], -1).reshape(S * Tp, -1)
+    weights = jnp.repeat(buf_mask, Tp)
+    num_points = weights.sum()
+    K = jnp.clip(jnp.floor(num_points / args.min_points_per_cluster), 2, args.max_clusters).astype(jnp.int32)
+    gmm = fit_gmm(key, data, weights, K, args.max_clusters, args.gmm_iters)
+    pts = jnp.concatenate([cur_in, cur_out], -1)  # (N, T', P)
+    return jax.vmap(lambda pts_t: fit_linear_gaussian(pts_t, d_in, niw_prior(gmm, pts_t, num_points)), 1)(pts)
+
+
+@partial(jax.jit, static_argnames="args")
+def fit_dynamics(key, buf_X, buf_U, buf_mask, X, U, args: Args) -> Dynamics:
+    """[3] Dynamics of one condition from its samples X (N, T, dX), U (N, T, dU) and the GMM buffer (S, T, .).
+    x0 ~ N(sample mean, diag(max(var, 1e-6))): exact resets make the prior's x0 term of cbfinn/gps zero, left out."""
+    xu = lambda X, U: jnp.concatenate([X[:, :-1], U[:, :-1]], -1)
+    F, f, cov = fit_time_varying(key, xu(buf_X, buf_U), buf_X[:, 1:], buf_mask, xu(X, U), X[:, 1:], args)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])  # no transition after T-1
+    return Dynamics(pad(F), pad(f), pad(cov), X[:, 0].mean(0), jnp.diag(jnp.maximum(X[:, 0].var(0), 1e-6)))
+
+
+@partial(jax.jit, static_argnames="args")
+def fit_policy_linearization(key, buf_X, buf_pol, buf_mask, X, pol_mu, pol_var, args: Args) -> LinearGaussian:
+    """[4] pi_lin(u_t | x_t) = N(K_t x_t + k_t, cov_t + diag(pol_var)): a regression of the global policy's mean
+    actions on the states along the samples, with a GMM prior over (x, pi_theta(o)) (cbfinn/gps PolicyPriorGMM)."""
+    K, k, cov = fit_time_varying(key, buf_X, buf_pol, buf_mask, X, pol_mu, args)
+    return LinearGaussian(K, k, cov + jnp.diag(pol_var))
+
+
+# --------------------------------------------------------------------------
+# Cost quadratisation by autodiff
+# --------------------------------------------------------------------------
+def quadratize_cost(cost_fn, X, U) -> tuple[QuadCost, jax.Array]:
+    """[2] Second-order expansion of cost_fn(x, u, final) at every sample, re-centred at the origin and averaged
+    over the N samples (cbfinn/gps _eval_cost). X (N, T, dX), U (N, T, dU). Also returns the costs (N, T)."""
+    T, dX = X.shape[1], X.shape[2]
+    final = jnp.arange(T) == T - 1
+
+    def one(x, u, fin):
+        v = jnp.concatenate([x, u])
+        f = lambda v: cost_fn(v[:dX], v[dX:], fin)
+        val, g = f(v), jax.grad(f)(v)
+        # Negative eigenvalues clipped: the log term's Hessian is indefinite far from the target, and an LQR cost
+        # must be convex (Gauss-Newton practice).
+        w, V = jnp.linalg.eigh(sym(jax.hessian(f)(v)))
+        H = (V * jnp.maximum(w, 0.0)) @ V.T
+        return H, g - H @ v, val - g @ v + 0.5 * v @ H @ v, val
+
+    C, c, c0, vals = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0)), in_axes=(0, 0, None))(X, U, final)
+    return QuadCost(C.mean(0), c.mean(0), c0.mean(0)), vals
+
+
+# --------------------------------------------------------------------------
+# The KL-constrained LQG step (Levine & Abbeel 2014, Sec. 3; Levine et al. 2016, App. A)
+# --------------------------------------------------------------------------
+def lqg_backward(eta, prev: LinearGaussian, dyn: Dynamics, cost: QuadCost):
+    """Minimise E_p[cost/eta - log prev(u|x)] - H(p) by dynamic programming.
+
+    The Lagrangian of min E_p[cost] s.t. KL(p || prev) <= eps, divided by eta, is the LQR problem with cost
+    c/eta - log prev(u|x) plus an entropy bonus. -log prev is quadratic in (x, u) because prev is linear-Gaussian:
+        0.5 [x;u]^T [[K^T P K, -K^T P], [-P K, P]] [x;u] + [x;u]^T [K^T P k; -P k],
+    P = prev.cov^-1. The maximum-entropy solution is N(K x + k, Q_uu^-1). Returns the new controller and whether
+    every Q_uu was positive definite."""
+    dX = dyn.F.shape[1]
+    P = jnp.linalg.inv(prev.cov)  # (T, dU, dU)
+    KtP = jnp.swapaxes(prev.K, 1, 2) @ P  # (T, dX, dU)
+    Ckl = jnp.concatenate([jnp.concatenate([KtP @ prev.K, -KtP], 2),
+                           jnp.concatenate([-jnp.swapaxes(KtP, 1, 2), P], 2)], 1)
+    ckl = jnp.concatenate([jnp.einsum("txu,tu->tx", KtP, prev.k), -jnp.einsum("tuv,tv->tu", P, prev.k)], 1)
+    C, c = cost.C / eta + Ckl, cost.c / eta + ckl
+
+    def step(carry, inp):
+        Vxx, Vx = carry  # value of x_{t+1}: 0.5 x^T Vxx x + x^T Vx
+        C_t, c_t, F_t, f_t = inp
+        Q = sym(C_t + F_t.T @ Vxx @ F_t)  # (D, D)
+        q = c_t + F_t.T @ (Vx + Vxx @ f_t)
+        L = cholesky(Q[dX:, dX:], lower=True)
+        ok = jnp.all(jnp.isfinite(L))
+        K, k = -cho_solve((L, True), Q[dX:, :dX]), -cho_solve((L, True), q[dX:])
+        cov = cho_solve((L, True), jnp.eye(L.shape[0]))
+        Vxx, Vx = sym(Q[:dX, :dX] + Q[:dX, dX:] @ K), q[:dX] + Q[:dX, dX:] @ k
+        return (Vxx, Vx), (K, k, sym(cov), ok)
+
+    _, (K, k, cov, ok) = jax.lax.scan(step, (jnp.zeros((dX, dX)), jnp.zeros(dX)), (C, c, dyn.F, dyn.f), reverse=True)
+    return LinearGaussian(K, k, cov), jnp.all(ok)
+
+
+def lqg_forward(ctrl: LinearGaussian, dyn: Dynamics):
+    """State-action marginals N(mu_t, sigma_t) of the controller under the fitted dynamics:
+    mu (T, D), sigma (T, D, D)."""
+
+    def step(carry, inp):
+        mx, Sx = carry
+        K, k, cov, F, f, Dcov = inp
+        mu = jnp.concatenate([mx, K @ mx + k])
+        SKt = Sx @ K.T
+        sigma = jnp.block([[Sx, SKt], [SKt.T, K @ SKt + cov]])
+        return (F @ mu + f, sym(F @ sigma @ F.T + Dcov)), (mu, sigma)
+
+    _, (mu, sigma) = jax.lax.scan(step, (dyn.x0_mean, dyn.x0_cov), (*ctrl, dyn.F, dyn.f, dyn.cov))
+    return mu, sigma
+
+
+def traj_kl(mu, sigma, new: LinearGaussian, prev: LinearGaussian):
+    """sum_t E_{x_t ~ p_new}[KL(new(u|x_t) || prev(u|x_t))] in closed form. Both conditionals are Gaussians whose
+    means are affine in x, so the KL is quadratic in x and its expectation under the Gaussian marginal is exact."""
+    dU, dX = new.K.shape[1:]
+
+    def one(mu, sigma, K, k, cov, Kp, kp, covp):
+        Lp = cholesky(covp, lower=True)
+        Pp = cho_solve((Lp, True), jnp.eye(dU))
+        dK, dm = K - Kp, (K - Kp) @ mu[:dX] + k - kp
+        logdet = lambda L: 2 * jnp.sum(jnp.log(jnp.diag(L)))
+        quad = dm @ Pp @ dm + jnp.trace(dK.T @ Pp @ dK @ sigma[:dX, :dX])
+        return 0.5 * (jnp.trace(Pp @ cov) - dU + logdet(Lp) - logdet(cholesky(cov, lower=True)) + quad)
+
+    return jnp.maximum(jax.vmap(one)(mu, sigma, *new, *prev).sum(), 0.0)
+
+
+def estimate_cost(ctrl: LinearGaussian, dyn: Dynamics, cost: QuadCost):
+    """The controller's expected cost under the fitted dynamics and quadratic cost (cbfinn/gps's 'Laplace' estimate)."""
+    mu, sigma = lqg_forward(ctrl, dyn)
+    return jnp.sum(cost.c0 + 0.5 * jnp.einsum("tij,tij->t", sigma, cost.C)
+                   + 0.5 * jnp.einsum("ti,tij,tj->t", mu, cost.C, mu) + jnp.einsum("ti,ti->t", mu, cost.c))
+
+
+@jax.jit
+def c_step(prev: LinearGaussian, dyn: Dynamics, cost: QuadCost, eta0, kl_bound):
+    """[6] Find eta with KL(p_eta || prev) = kl_bound (within 10 %) by the bracketing search of cbfinn/gps
+    (geometric mean of the bracket, at most a factor 10 per step, eta in [1e-8, 1e16], 50 iterations). A non-PD Q_uu
+    means eta is too small. Falls back to prev (KL 0) if nothing feasible."""
+
+    def body(s):
+        itr, eta, lo, hi, _, best, best_kl, best_eta = s
+        ctrl, ok = lqg_backward(eta, prev, dyn, cost)
+        kl = traj_kl(*lqg_forward(ctrl, dyn), ctrl, prev)
+        ok = ok & jnp.isfinite(kl) & jnp.all(jnp.isfinite(ctrl.K))
+        con = jnp.where(ok, kl - kl_bound, jnp.inf)
+        feasible = ok & (con < 0.1 * kl_bound)
+        best = jax.tree.map(lambda a, b: jnp.where(feasible, a, b), ctrl, best)
+        best_kl, best_eta = jnp.where(feasible, kl, best_kl), jnp.where(feasible, eta, best_eta)
+        too_small = con < 0  # KL below the bound: eta can decrease
+        hi, lo = jnp.where(too_small, eta, hi), jnp.where(too_small, lo, eta)
+        geo = jnp.sqrt(lo * hi)
+        new_eta = jnp.where(too_small, jnp.maximum(geo, 0.1 * hi), jnp.minimum(geo, 10.0 * lo))
+        done = (jnp.abs(con) < 0.1 * kl_bound) | (hi / lo < 1.0001) | (feasible & (itr >= 20))
+        return itr + 1, new_eta, lo, hi, done, best, best_kl, best_eta
+
+    dt = cost.C.dtype
+    init = (0, jnp.asarray(eta0, dt), jnp.asarray(1e-8, dt), jnp.asarray(1e16, dt), False, prev,
+            jnp.asarray(0.0, dt), jnp.asarray(1e16, dt))
+    s = jax.lax.while_loop(lambda s: (~s[4]) & (s[0] < 50), body, init)
+    return s[5], s[7], s[6]
+
+
+def new_step_mult(step_mult, predicted, actual, lo, hi):
+    """[5] Model the improvement as pred * m - (pred - actual) * m^2 in the step multiplier m; its maximiser scales
+    m by pred / (2 (pred - actual)), clipped to [0.1, 5], then m to [lo, hi] (cbfinn/gps _set_new_mult)."""
+    mult = np.clip(predicted / (2.0 * np.maximum(1e-4, predicted - actual)), 0.1, 5.0)
+    return np.clip(mult * step_mult, lo, hi)
+
+
+# --------------------------------------------------------------------------
+# Global policy and the S-step
+# --------------------------------------------------------------------------
+class Policy(nn.Module):
+    hidden: tuple[int, ...]
+    act_dim: int
+
+    @nn.compact
+    def __call__(self, o):
+        for h in self.hidden:
+            o = nn.relu(nn.Dense(h)(o))
+        return nn.Dense(self.act_dim)(o)
+
+
+@partial(jax.jit, static_argnames="args")
+def s_step(state: TrainState, key, obs, target_mu, target_prec, args: Args):
+    """[7] Minimise the precision-weighted squared error
+        mean_j (pi_theta(o_j) - mu_j)^T S_j^-1 (pi_theta(o_j) - mu_j)
+    over all (condition, sample, time) points j: obs (P, dO) normalised, target_mu (P, dU), target_prec (P, dU, dU).
+    The weighting makes the policy follow a controller where it is certain (small S) and ignore it where its noise
+    is large (Levine et al. 2016; Montgomery & Levine 2016, Alg. 2)."""
+
+    def loss_fn(params, idx):
+        d = state.apply_fn(params, obs[idx]) - target_mu[idx]
+        return jnp.mean(jnp.einsum("bi,bij,bj->b", d, target_prec[idx], d))
+
+    def update(state, k):
+        idx = jax.random.randint(k, (args.policy_batch_size,), 0, obs.shape[0])
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, idx)
+        return state.apply_gradients(grads=grads), loss
+
+    state, losses = jax.lax.scan(update, state, jax.random.split(key, args.policy_steps))
+    return state, losses[-100:].mean()
+
+
+@partial(jax.jit, static_argnames=("args", "dims"))
+def policy_mean(params, obs_mean, obs_std, o, args: Args, dims: Dims):
+    """pi_theta's mean action on whitened observations o (..., dO), float32. The product with 1 / std is what
+    XLA makes of a division by constant statistics; written out, the numbers do not depend on whether they are
+    constants."""
+    return Policy(args.policy_hidden, dims.dU).apply(params, (o - obs_mean) * (1.0 / obs_std))
+
+
+# --------------------------------------------------------------------------
+# The phases of an iteration (main calls them in order). Real-env sampling is common/envs/conditions.py
+# rollout_condition: the only Python loop, the env stands for the robot.
+# --------------------------------------------------------------------------
 def init_state(args: Args, dims: Dims, key) -> GPSState:
     """[0] Zero-gain controllers, an empty buffer, a fresh policy."""
     M, S, T = args.conditions, args.prior_samples, args.horizon
@@ -580,29 +534,39 @@ def init_state(args: Args, dims: Dims, key) -> GPSState:
                     numpy_rng_state(np.random.default_rng(args.seed)))
 
 
-# --------------------------------------------------------------------------
-# The phases of an iteration (main calls them in order)
-# --------------------------------------------------------------------------
+def controller_act(K, k, L=None, noise=None):
+    """u_t = K_t x + k_t + L_t eps_t with L_t L_t^T = S_t (one trajectory's noise eps (T, dU)); the mean controller
+    if noise is None."""
+    if noise is None:
+        return lambda x, o, t: K[t] @ x + k[t]
+    return lambda x, o, t: K[t] @ x + k[t] + L[t] @ noise[t]
+
+
+def policy_actions(args: Args, dims: Dims, state: GPSState, Ob) -> np.ndarray:
+    """pi_theta's mean actions at observations Ob (..., dO), float32."""
+    return np.asarray(policy_mean(state.policy.params, state.obs_mean, state.obs_std, jnp.asarray(Ob, jnp.float32),
+                                  args, dims))
+
+
 def policy_act(state: GPSState, args: Args, dims: Dims, noise):
     """u_t = pi_theta(o_t) + noise_t, noise (T, dU)."""
-    return lambda x, o, t: np.asarray(policy_mean(state.policy.params, state.obs_mean, state.obs_std,
-                                                  jnp.asarray(o, jnp.float32), args, dims)) + noise[t]
+    return lambda x, o, t: policy_actions(args, dims, state, o) + noise[t]
 
 
 def sample(env, args: Args, dims: Dims, state: GPSState) -> tuple[GPSState, Samples]:
-    """[1] N trajectories per condition from the controllers, or (on-policy MDGPS
-    after the first iteration) from the global policy with noise of variance
-    policy_var (cbfinn/gps sample_on_policy); exact resets. They enter the
+    """[1] N trajectories per condition from the controllers, or (on-policy MDGPS after the first iteration) from
+    the global policy with noise of variance policy_var (cbfinn/gps sample_on_policy); exact resets. They enter the
     buffer's ring."""
     M, N, T, S = args.conditions, args.num_samples, args.horizon, args.prior_samples
     rng = set_numpy_rng_state(np.random.default_rng(), state.np_rng)
     X, U, Ob = (np.zeros((M, N, T, d)) for d in dims)
     Kn, kn, Ln = (np.asarray(a) for a in (state.ctrl.K, state.ctrl.k, np.linalg.cholesky(np.asarray(state.ctrl.cov))))
+    on_policy = args.sample_on_policy and args.algorithm == "mdgps" and state.iteration > 0
     for m in range(M):
         for n in range(N):
             eps = rng.standard_normal((T, dims.dU))
             act = (policy_act(state, args, dims, np.sqrt(state.policy_var) * eps)
-                   if args.on_policy and state.iteration > 0 else controller_act(Kn[m], kn[m], Ln[m], eps))
+                   if on_policy else controller_act(Kn[m], kn[m], Ln[m], eps))
             X[m, n], U[m, n], Ob[m, n] = rollout_condition(env, m, T, act, seed=int(rng.integers(2**31)))
     slot = [(state.iteration * N + n) % S for n in range(N)]
     buf = SampleBuffer(*(a.copy() for a in state.buffer))
@@ -612,15 +576,9 @@ def sample(env, args: Args, dims: Dims, state: GPSState) -> tuple[GPSState, Samp
     return state._replace(buffer=buf, np_rng=numpy_rng_state(rng)), Samples(X, U, Ob)
 
 
-def set_normaliser(state: GPSState, Ob) -> GPSState:
-    """Whiten the policy's observations once, from the first samples (as cbfinn/gps)."""
-    flat = Ob.reshape(-1, Ob.shape[-1])
-    return state._replace(obs_mean=flat.mean(0), obs_std=flat.std(0) + 1e-3)
-
-
 def train_policy(args: Args, dims: Dims, state: GPSState, key, samples: Samples, ctrl: LinearGaussian):
-    """[7] S-step on this iteration's samples of all conditions: the targets are
-    the controllers' means K x + k, the weights their precisions S^-1."""
+    """[7] S-step on this iteration's samples of all conditions: the targets are the controllers' means K x + k, the
+    weights their precisions S^-1."""
     M, N, T, dU = args.conditions, args.num_samples, args.horizon, dims.dU
     X, ctrl = jnp.asarray(samples.X, jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), ctrl)
     mu_t = jnp.einsum("mtux,mntx->mntu", ctrl.K, X) + ctrl.k[:, None]  # (M, N, T, dU)
@@ -632,26 +590,15 @@ def train_policy(args: Args, dims: Dims, state: GPSState, key, samples: Samples,
     return state._replace(policy=pstate, policy_var=policy_var), loss
 
 
-def policy_actions(args: Args, dims: Dims, state: GPSState, Ob) -> np.ndarray:
-    """pi_theta's mean actions at observations Ob (..., dO), as float64 data for [4]."""
-    params = state.policy.params
-    return np.asarray(policy_mean(params, state.obs_mean, state.obs_std, jnp.asarray(Ob, jnp.float32), args, dims),
-                      np.float64)
-
-
-@partial(jax.jit, static_argnums=0)
-def quadratize_all(cost_fn, X, U):
-    """[2] quadratize_cost for every condition: X (M, N, T, dX), U (M, N, T, dU)."""
-    return jax.vmap(partial(quadratize_cost, cost_fn))(X, U)
-
-
-estimate_costs = jax.jit(jax.vmap(estimate_cost))  # over conditions
+# Over the M conditions: X (M, N, T, dX), U (M, N, T, dU); the env's cost and distance are static
+quadratize_all = jax.jit(lambda cost_fn, X, U: jax.vmap(partial(quadratize_cost, cost_fn))(X, U), static_argnums=0)
+estimate_costs = jax.jit(jax.vmap(estimate_cost))
+distances = jax.jit(lambda distance_fn, X: jax.vmap(distance_fn)(X), static_argnums=0)
 
 
 def fit_local_models(env, args: Args, state: GPSState, samples: Samples, k_dyn, k_pol, pol_buf, pol_mu) -> Fit:
-    """[2] The quadratic cost along the samples, [3] the dynamics with their GMM
-    prior, [4] (mdgps) the global policy's linearisation: per condition (vmapped),
-    in float64 (call inside main's float64 region)."""
+    """[2] The quadratic cost along the samples, [3] the dynamics with their GMM prior, [4] (mdgps) the global
+    policy's linearisation: per condition (vmapped), in float64 (call inside main's float64 region)."""
     M = args.conditions
     X, U = jnp.asarray(samples.X), jnp.asarray(samples.U)
     buf = SampleBuffer(*(jnp.asarray(a) for a in state.buffer))
@@ -666,13 +613,11 @@ def fit_local_models(env, args: Args, state: GPSState, samples: Samples, k_dyn, 
 
 
 def adjust_step(args: Args, state: GPSState, fit: Fit) -> tuple[np.ndarray, dict]:
-    """[5] Step size from predicted vs actual improvement (Laplace estimates
-    under fitted dynamics and cost). LQR-FLM, per condition (cbfinn/gps
-    algorithm_traj_opt._stepadjust): old controller vs new one under the old fit
-    (predicted) and the new fit (actual). MDGPS, one step for all
-    (algorithm_mdgps._stepadjust): previous cost vs the C-step's controller under
-    the old fit (predicted) and vs the current cost (actual): did the S-step's
-    policy realise the planned improvement? In float64."""
+    """[5] Step size from predicted vs actual improvement (Laplace estimates under fitted dynamics and cost).
+    LQR-FLM, per condition (cbfinn/gps algorithm_traj_opt._stepadjust): old controller vs new one under the old fit
+    (predicted) and the new fit (actual). MDGPS, one step for all (algorithm_mdgps._stepadjust): previous cost vs
+    the C-step's controller under the old fit (predicted) and vs the current cost (actual): did the S-step's policy
+    realise the planned improvement? In float64."""
     last = state.last
     if args.algorithm == "lqr_flm":
         prev_obj = np.asarray(estimate_costs(last.ctrl, last.dyn, last.cost))
@@ -689,9 +634,8 @@ def adjust_step(args: Args, state: GPSState, fit: Fit) -> tuple[np.ndarray, dict
 
 
 def improve_controllers(args: Args, state: GPSState, fit: Fit, step_mult):
-    """[6] C-step: the KL-bounded LQG step of every condition against its old
-    controller (lqr_flm) or the policy linearisation (mdgps), bound
-    kl_step * step_mult * T. In float64. Returns the controllers, eta, KL, bound."""
+    """[6] C-step: the KL-bounded LQG step of every condition against its old controller (lqr_flm) or the policy
+    linearisation (mdgps), bound kl_step * step_mult * T. In float64. Returns the controllers, eta, KL, bound."""
     anchor = state.ctrl if args.algorithm == "lqr_flm" else fit.pol_lin
     bound = args.kl_step * step_mult * args.horizon
     anchor = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), anchor)
@@ -699,15 +643,9 @@ def improve_controllers(args: Args, state: GPSState, fit: Fit, step_mult):
     return ctrl, np.asarray(eta), kl, bound
 
 
-@partial(jax.jit, static_argnums=0)
-def distances(distance_fn, X):
-    return jax.vmap(distance_fn)(X)
-
-
 def evaluate_local(env, args: Args, dims: Dims, state: GPSState, samples: Samples) -> dict:
-    """[8] The samples' final distances, and the noise-free mean controllers
-    u = K x + k, one run per condition (real steps, but not training samples:
-    nothing is fitted on them)."""
+    """[8] The samples' final distances, and the noise-free mean controllers u = K x + k, one run per condition
+    (real steps, but not training samples: nothing is fitted on them)."""
     M, N, T = args.conditions, args.num_samples, args.horizon
     final = np.asarray(distances(env.distance, jnp.asarray(samples.X[:, :, -1].reshape(-1, dims.dX), jnp.float32)))
     at_bound = np.isclose(np.abs(samples.U), env.action_space.high, rtol=0, atol=1e-6)
@@ -718,14 +656,10 @@ def evaluate_local(env, args: Args, dims: Dims, state: GPSState, samples: Sample
             "local/actions_at_bound": at_bound.mean()}
 
 
-def held_out_conditions(env) -> list[int]:
-    return list(range(env.num_train, len(getattr(env, "targets", getattr(env, "starts", [])))))
-
-
 def evaluate_global(env, args: Args, dims: Dims, state: GPSState) -> dict:
     """[8] One deterministic run of the global policy per training and held-out condition."""
-    metrics = {}
-    for name, conds in (("train", range(args.conditions)), ("test", held_out_conditions(env))):
+    metrics, held_out = {}, list(range(env.num_train, len(getattr(env, "targets", getattr(env, "starts", [])))))
+    for name, conds in (("train", range(args.conditions)), ("test", held_out)):
         if conds:
             acts = [policy_act(state, args, dims, np.zeros((args.horizon, dims.dU)))] * len(conds)
             metrics[f"global/{name}_final_distance"], metrics[f"global/{name}_cost"] = evaluate_conditions(
@@ -774,8 +708,8 @@ def validate(args: Args, env) -> Dims:
         fail(f"--policy-batch-size {args.policy_batch_size} exceeds the {args.steps_per_iteration} points the S-step "
              "trains on (--conditions x --num-samples x --horizon)")
     dims = Dims(env.dim_state, env.action_space.shape[0], env.observation_space.shape[0])
-    # The largest arrays: the buffer (NumPy, its float64 copy, the policy's actions on it) and, per
-    # condition, the GMM's per-cluster residuals over all its (x, u, x') points.
+    # The largest arrays: the buffer (NumPy, its float64 copy, the policy's actions on it) and, per condition, the
+    # GMM's per-cluster residuals over all its (x, u, x') points.
     points, P = args.conditions * args.prior_samples * args.horizon, 2 * dims.dX + dims.dU
     check_memory(8 * points * (3 * sum(dims) + args.max_clusters * (P + 3)),
                  f"the GMM prior over {args.prior_samples} trajectories per condition",
@@ -791,7 +725,7 @@ def main(args: Args) -> dict:
     state = run.restore(init_state(args, dims, key))  # [0], or the checkpoint's state on --resume
     mdgps, history, start = args.algorithm == "mdgps", [], time.time()
 
-    for it in range(state.iteration, args.iterations):
+    for it in range(state.iteration + 1, args.iterations + 1):  # 1-based, as logged
         t0 = time.time()
         with run.timed("sample"):
             state, samples = sample(env, args, dims, state)  # [1]
@@ -800,46 +734,45 @@ def main(args: Args) -> dict:
         pol_buf = pol_mu = None
         if mdgps:
             with run.timed("policy"):
-                if it == 0:  # the policy first catches up with the initial controllers [7]
-                    state, loss = train_policy(args, dims, set_normaliser(state, samples.Ob), k_s, samples, state.ctrl)
-                    check_finite(it + 1, unit="iteration", policy_loss=loss)
+                if it == 1:  # the policy first catches up with the initial controllers [7], its input
+                    flat = samples.Ob.reshape(-1, dims.dO)  # whitened once, from these samples (as cbfinn/gps)
+                    state = state._replace(obs_mean=flat.mean(0), obs_std=flat.std(0) + 1e-3)
+                    state, loss = train_policy(args, dims, state, k_s, samples, state.ctrl)
+                    check_finite(it, unit="iteration", policy_loss=loss)
                 # pi_theta's actions along the buffer and the samples: the data of its linearisation [4]
-                pol_buf, pol_mu = (policy_actions(args, dims, state, ob) for ob in (state.buffer.Ob, samples.Ob))
+                pol_buf, pol_mu = (policy_actions(args, dims, state, ob).astype(np.float64)
+                                   for ob in (state.buffer.Ob, samples.Ob))
 
-        # ------------------------------------------------------------------
-        # The float64 region, [2]-[6], as the reference's numpy: the (x, u, x')
-        # covariances are nearly singular (the dynamics are almost deterministic)
-        # and the GMM's Cholesky factorisations fail in float32. The policy stays
+        # The float64 region, [2]-[6], as the reference's numpy: the (x, u, x') covariances are nearly singular (the
+        # dynamics are almost deterministic) and the GMM's Cholesky factorisations fail in float32. The policy stays
         # float32, outside.
-        # ------------------------------------------------------------------
         with jax.enable_x64(True), run.timed("trajectory_optimisation"):
             fit = fit_local_models(env, args, state, samples, k_dyn, k_pol, pol_buf, pol_mu)  # [2]-[4]
-            check_finite(it + 1, unit="iteration", dynamics_F=fit.dyn.F, dynamics_cov=fit.dyn.cov, cost_C=fit.cost.C)
+            check_finite(it, unit="iteration", dynamics_F=fit.dyn.F, dynamics_cov=fit.dyn.cov, cost_C=fit.cost.C)
             metrics, step_mult = {}, state.step_mult
-            if it > 0:
+            if it > 1:
                 step_mult, metrics = adjust_step(args, state, fit)  # [5]
             ctrl, eta, kl, bound = improve_controllers(args, state, fit, step_mult)  # [6]
-            check_finite(it + 1, unit="iteration", controller_K=ctrl.K, controller_cov=ctrl.cov)
+            check_finite(it, unit="iteration", controller_K=ctrl.K, controller_cov=ctrl.cov)
         state = state._replace(ctrl=ctrl, step_mult=step_mult, eta=eta, last=fit)
 
         if mdgps:  # [7] S-step with the new controllers' means on this iteration's samples
             with run.timed("policy"):
                 state, s_loss = train_policy(args, dims, state, k_s, samples, ctrl)
-            check_finite(it + 1, unit="iteration", policy_loss=s_loss)
+            check_finite(it, unit="iteration", policy_loss=s_loss)
             metrics["policy_loss"] = s_loss
 
         with run.timed("evaluate"):  # [8]
-            metrics |= {"iteration": it + 1, **evaluate_local(env, args, dims, state, samples),
+            metrics |= {"iteration": it, **evaluate_local(env, args, dims, state, samples),
                         "local/cost": fit.mc_cost, "kl": np.asarray(kl).mean(), "kl_bound": float(np.mean(bound)),
                         "eta": eta.mean(), "step_mult": step_mult.mean(), "iteration_time": time.time() - t0}
-            if mdgps and ((it + 1) % args.eval_interval == 0 or it + 1 == args.iterations):
+            if mdgps and (it % args.eval_interval == 0 or it == args.iterations):
                 metrics |= evaluate_global(env, args, dims, state)
-        state = state._replace(iteration=it + 1)
-        steps = (it + 1) * args.steps_per_iteration
+        state, steps = state._replace(iteration=it), it * args.steps_per_iteration
         run.log(metrics, steps)
         history.append({k: np.asarray(v).tolist() for k, v in metrics.items()}
                        | {"samples": steps, "time": time.time() - start})
-        if run.checkpoint_due(it + 1, it) or it + 1 == args.iterations:  # counted in iterations
+        if run.checkpoint_due(it, it - 1) or it == args.iterations:  # counted in iterations
             run.save(state, steps)
 
     if args.save_model:

@@ -84,9 +84,8 @@ class Args(CommonArgs):
     env_id: str = "PointNav2D-v0"
     """a task family: PointNav2D-v0 (pure JAX), HalfCheetahDir-v0, HalfCheetahVel-v0, AntDir-v0 (MuJoCo)"""
     total_timesteps: int = 8_000_000
-    """env steps of meta-training (one iteration: meta_batch x trajectories x
-    horizon x (inner_steps + 1) = 80,000 on 2-D navigation, so 100 iterations;
-    rounded down to whole iterations, at least one)"""
+    """env steps of meta-training, rounded down to whole iterations (at least one): one iteration is meta_batch x
+    trajectories x horizon x (inner_steps + 1) = 80,000 on 2-D navigation, so 100 iterations"""
     eval_interval: int = 800_000
     """meta-test every this many env steps (rounded down to whole iterations, at least one)"""
     eval_episodes: int = 40
@@ -96,8 +95,7 @@ class Args(CommonArgs):
     trajectories_per_task: int = 20
     """N, trajectories per task and per inner step (and after adaptation)"""
     inner_steps: int = 1
-    """K, inner policy-gradient steps during meta-training (0: no adaptation,
-    i.e. plain multi-task TRPO, the paper's "pretrained" baseline)"""
+    """K, inner policy-gradient steps in meta-training (0: plain multi-task TRPO, the paper's "pretrained" baseline)"""
     inner_lr: float = 0.5
     """alpha, inner step size (authors' 2-D navigation code: 0.5)"""
     first_order: bool = False
@@ -149,15 +147,14 @@ def steps_per_iteration(args: Args, dims: Dims) -> int:
 # Policy
 # ----------------------------------------------------------------------------
 class GaussianMLP(nn.Module):
-    """pi(a|s) = N(mu(s), diag(exp(log_std))^2), a state-independent log std.
-    The actions live in [-1, 1]^d (rescaled to the env's bounds when stepping)."""
+    """pi(a|s) = N(mu(s), diag(exp(log_std))^2), a state-independent log std. The actions live in [-1, 1]^d
+    (rescaled to the env's bounds when stepping)."""
 
     action_dim: int
     hidden_sizes: Sequence[int] = (100, 100)
 
     @nn.compact
-    def __call__(self, obs):
-        x = obs
+    def __call__(self, x):
         for width in self.hidden_sizes:
             x = nn.relu(nn.Dense(width)(x))
         mean = nn.Dense(self.action_dim, kernel_init=nn.initializers.variance_scaling(0.01, "fan_in", "normal"))(x)
@@ -189,7 +186,7 @@ class Batch(NamedTuple):
 
 
 # ----------------------------------------------------------------------------
-# Sampling (pure-JAX task family)
+# Sampling [2] (a pure-JAX task family, or MuJoCo's), returns, baseline and advantages [3]
 # ----------------------------------------------------------------------------
 def rollouts(apply_fn, params, task, key, env, args: Args, dims: Dims) -> Batch:
     """[2] N trajectories of pi_params on one task, as one scan over time."""
@@ -220,18 +217,16 @@ def rollouts(apply_fn, params, task, key, env, args: Args, dims: Dims) -> Batch:
 
 
 class GymTaskSampler:
-    """[2] for a MuJoCo task family (common/envs/mujoco_tasks.py): M x N copies
-    of the env in a gymnasium SyncVectorEnv, each given its task; one jitted
-    policy call per time step for all of them. Returns the same `Batch` as
-    `rollouts`. Its state (for checkpoints): the reset-seed counter and the
-    sub-envs' states (`state()`, `set_state()`)."""
+    """[2] for a MuJoCo task family (common/envs/mujoco_tasks.py): M x N copies of the env in a gymnasium
+    SyncVectorEnv, each given its task; one jitted policy call per time step for all of them. Returns the same
+    `Batch` as `rollouts`. Its state (for checkpoints, `state()` and `set_state()`): the reset-seed counter and the
+    sub-envs' states."""
 
     def __init__(self, env_id: str, apply_fn, args: Args, dims: Dims, seed: int):
         self.args, self.dims, self.seed = args, dims, seed
         n = args.meta_batch * args.trajectories_per_task
         self.envs = gym.vector.SyncVectorEnv([lambda: make_env(env_id) for _ in range(n)])
-        space = self.envs.single_action_space
-        self.low, self.high = space.low, space.high
+        self.low, self.high = self.envs.single_action_space.low, self.envs.single_action_space.high
 
         @jax.jit
         def act(params, obs, key):  # params (M, ...), obs (M, N, obs_dim)
@@ -263,16 +258,12 @@ class GymTaskSampler:
             for k, v in (("obs", obs), ("action", action), ("reward", reward * alive), ("mask", alive.copy()),
                          ("logp", np.asarray(logp).reshape(-1))):
                 out[k].append(np.asarray(v, np.float32))
-            alive = alive * (1.0 - terminated)
-            obs = next_obs
+            alive, obs = alive * (1.0 - terminated), next_obs
         # (T, M*N, ...) -> (M, N, T, ...)
         arrays = {k: jnp.asarray(np.stack(v, 1).reshape(M, N, T, *np.shape(v[0])[1:])) for k, v in out.items()}
         return Batch(advantage=jnp.zeros_like(arrays["reward"]), **arrays)
 
 
-# ----------------------------------------------------------------------------
-# Returns, baseline, advantages
-# ----------------------------------------------------------------------------
 def discounted_returns(reward, mask, gamma):
     """R_t = sum_{l >= 0} gamma^l r_{t+l}, per trajectory: (N, T)."""
 
@@ -286,8 +277,8 @@ def discounted_returns(reward, mask, gamma):
 
 
 def baseline_features(obs, mask):
-    """rllab's LinearFeatureBaseline features [o, o^2, t, t^2, t^3, 1] with
-    t = step / 100 and o clipped to [-10, 10]: (N, T, 2 obs_dim + 4)."""
+    """rllab's LinearFeatureBaseline features [o, o^2, t, t^2, t^3, 1] with t = step / 100 and o clipped to
+    [-10, 10]: (N, T, 2 obs_dim + 4)."""
     n, T = mask.shape
     o = jnp.clip(obs, -10, 10)
     t = jnp.broadcast_to((jnp.arange(T) / 100.0)[None, :, None], (n, T, 1))
@@ -295,8 +286,8 @@ def baseline_features(obs, mask):
 
 
 def fit_linear_baseline(features, returns, mask, reg: float = 1e-5):
-    """Ridge regression of returns on features over the valid steps:
-    w = (X^T X + reg I)^-1 X^T y. Returns the fitted values (N, T)."""
+    """Ridge regression of returns on features over the valid steps: w = (X^T X + reg I)^-1 X^T y. Returns the
+    fitted values (N, T)."""
     X = features.reshape(-1, features.shape[-1])
     y = (returns * mask).reshape(-1)
     w = jnp.linalg.solve(X.T @ X + reg * jnp.eye(X.shape[1]), X.T @ y)
@@ -304,8 +295,7 @@ def fit_linear_baseline(features, returns, mask, reg: float = 1e-5):
 
 
 def with_advantages(batch: Batch, gamma: float) -> Batch:
-    """[3] A = R - b(s, t), then normalised to mean 0, std 1 over the valid
-    steps (rllab's center_adv)."""
+    """[3] A = R - b(s, t), then normalised to mean 0, std 1 over the valid steps (rllab's center_adv)."""
     ret = discounted_returns(batch.reward, batch.mask, gamma)
     adv = (ret - fit_linear_baseline(baseline_features(batch.obs, batch.mask), ret, batch.mask)) * batch.mask
     n = jnp.maximum(batch.mask.sum(), 1.0)
@@ -339,14 +329,12 @@ def inner_objective(apply_fn, params, batch: Batch, args: Args):
 
 
 def inner_step(apply_fn, params, batch: Batch, args: Args, lr=None):
-    """[4] theta' = theta + alpha grad L_in(theta). With --first-order the
-    gradient is a constant to the outer derivative (stop_gradient)."""
-    # THE SECOND-ORDER TERM COMES FROM HERE. The outer step differentiates
-    # theta' = theta + alpha grad L_in(theta) with respect to theta:
-    # d theta'/d theta = I + alpha Hessian L_in(theta), so the meta-gradient
-    # (d theta'/d theta)^T grad J(theta') contains the Hessian of the inner
-    # objective. Autodiff gets it by differentiating through this jax.grad
-    # (reverse-over-reverse); stop_gradient drops it (first-order MAML).
+    """[4] theta' = theta + alpha grad L_in(theta). With --first-order the gradient is a constant to the outer
+    derivative (stop_gradient)."""
+    # THE SECOND-ORDER TERM COMES FROM HERE. The outer step differentiates theta' = theta + alpha grad L_in(theta)
+    # with respect to theta: d theta'/d theta = I + alpha Hessian L_in(theta), so the meta-gradient
+    # (d theta'/d theta)^T grad J(theta') contains the Hessian of the inner objective. Autodiff gets it by
+    # differentiating through this jax.grad (reverse-over-reverse); stop_gradient drops it (first-order MAML).
     grad = jax.grad(inner_objective, argnums=1)(apply_fn, params, batch, args)
     if args.first_order:
         grad = jax.lax.stop_gradient(grad)
@@ -355,8 +343,8 @@ def inner_step(apply_fn, params, batch: Batch, args: Args, lr=None):
 
 
 def adapt(apply_fn, theta, pre: Batch, args: Args):
-    """theta'_K(theta) for one task, from its K fixed pre-update batches
-    (leading axis K). This is the function the outer step differentiates."""
+    """theta'_K(theta) for one task, from its K fixed pre-update batches (leading axis K). This is the function the
+    outer step differentiates."""
     for j in range(args.inner_steps):
         theta = inner_step(apply_fn, theta, jax.tree.map(lambda x, j=j: x[j], pre), args)
     return theta
@@ -371,9 +359,9 @@ def old_post_update_policies(apply_fn, theta_old, pre: Batch, post: Batch, args:
 
 
 def post_update_terms(apply_fn, theta, theta_old, pre: Batch, post: Batch, args: Args, old=None):
-    """Per task (vmapped over the meta-batch): likelihood ratios of the post-update
-    samples under theta'(theta), and KL(pi_theta'(theta_old) || pi_theta'(theta)).
-    `old` may hold the precomputed old policies (they do not depend on theta)."""
+    """Per task (vmapped over the meta-batch): likelihood ratios of the post-update samples under theta'(theta),
+    and KL(pi_theta'(theta_old) || pi_theta'(theta)). `old` may hold the precomputed old policies (they do not
+    depend on theta)."""
     if old is None:
         old = old_post_update_policies(apply_fn, theta_old, pre, post, args)
     old = jax.lax.stop_gradient(old)
@@ -405,8 +393,7 @@ def conjugate_gradient(matvec, b, iters: int, tol: float = 1e-10):
         beta = jnp.where(rr > tol, rr_new / (rr + 1e-12), 0.0)
         return x, r, r + beta * p, rr_new
 
-    x, *_ = jax.lax.fori_loop(0, iters, body, (jnp.zeros_like(b), b, b, b @ b))
-    return x
+    return jax.lax.fori_loop(0, iters, body, (jnp.zeros_like(b), b, b, b @ b))[0]
 
 
 class LineSearch(NamedTuple):
@@ -423,39 +410,36 @@ def trpo_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
     flat, unravel = ravel_pytree(theta)
     old = old_post_update_policies(apply_fn, theta, pre, post, args)  # computed once
 
-    def objective(f):
-        return surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, args, old)
+    objective = lambda f: surrogate_and_kl(apply_fn, unravel(f), theta, pre, post, args, old)
 
     surr_old, g = jax.value_and_grad(lambda f: objective(f)[0])(flat)
     kl_grad = jax.grad(lambda f: objective(f)[1])
 
     def fisher_vector_product(v):
-        # F v, F the Fisher information of the post-update policies pulled back
-        # through the inner step. Why the KL's Hessian: KL(pi_old || pi_theta) is
-        # minimal (zero) at theta = theta_old, so its gradient vanishes there and
-        # its Hessian is E_old[-d^2 log pi_theta] = E_old[grad log pi grad log pi^T],
-        # the Fisher matrix (the score has mean zero under pi_old). Why jvp of grad
-        # (forward-over-reverse): the directional derivative of the gradient
-        # along v is the Hessian-vector product H v, at the cost of about two
-        # gradients and without ever forming the P x P matrix.
+        # F v, F the Fisher information of the post-update policies pulled back through the inner step. Why the KL's
+        # Hessian: KL(pi_old || pi_theta) is minimal (zero) at theta = theta_old, so its gradient vanishes there and
+        # its Hessian is E_old[-d^2 log pi_theta] = E_old[grad log pi grad log pi^T], the Fisher matrix (the score
+        # has mean zero under pi_old). Why jvp of grad (forward-over-reverse): the directional derivative of the
+        # gradient along v is the Hessian-vector product H v, at the cost of about two gradients and without ever
+        # forming the P x P matrix.
         return jax.jvp(kl_grad, (flat,), (v,))[1] + args.cg_damping * v
 
     x = conjugate_gradient(fisher_vector_product, g, args.cg_iters)  # x ~ F^-1 g
-    # The largest step along x with quadratic KL model 1/2 s^T F s = delta:
-    # s = sqrt(2 delta / (x^T F x)) x (Schulman et al. 2015, TRPO, Appendix C).
+    # The largest step along x with quadratic KL model 1/2 s^T F s = delta: s = sqrt(2 delta / (x^T F x)) x
+    # (Schulman et al. 2015, TRPO, Appendix C).
     step = jnp.sqrt(2 * args.max_kl / (x @ fisher_vector_product(x) + 1e-12)) * x
 
-    # Backtracking line search: shrink the step until the KL is within delta
-    # and the surrogate improves; after backtrack_steps failures, do not move.
-    def not_accepted(ls: LineSearch):
-        return (ls.tries < args.backtrack_steps) & ~((ls.kl <= args.max_kl) & (ls.surrogate > surr_old))
+    # Backtracking line search: shrink the step until the KL is within delta and the surrogate improves; after
+    # backtrack_steps failures, do not move.
+    ok = lambda ls: (ls.kl <= args.max_kl) & (ls.surrogate > surr_old)
 
     def shrink(ls: LineSearch) -> LineSearch:
         coef = args.backtrack_ratio**ls.tries
         return LineSearch(ls.tries + 1, coef, *objective(flat + coef * step))
 
-    ls = jax.lax.while_loop(not_accepted, shrink, shrink(LineSearch(0, 0.0, 0.0, 0.0)))
-    accepted = (ls.kl <= args.max_kl) & (ls.surrogate > surr_old)
+    ls = jax.lax.while_loop(lambda ls: (ls.tries < args.backtrack_steps) & ~ok(ls), shrink,
+                            shrink(LineSearch(0, 0.0, 0.0, 0.0)))
+    accepted = ok(ls)
     coef = jnp.where(accepted, ls.coef, 0.0)
     info = {"surrogate_gain": jnp.where(accepted, ls.surrogate - surr_old, 0.0),
             "kl": jnp.where(accepted, ls.kl, 0.0), "step_coef": coef, "grad_norm": jnp.linalg.norm(g)}
@@ -463,9 +447,8 @@ def trpo_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
 
 
 def promp_objective(apply_fn, theta, theta_old, pre: Batch, post: Batch, args: Args):
-    """ProMP's meta-objective (Sec. 6): clipped ratio objective of the
-    post-update policies, minus eta KL(pi_theta_old || pi_theta) measured on
-    the pre-update states (to keep the pre-update policy close as well)."""
+    """ProMP's meta-objective (Sec. 6): clipped ratio objective of the post-update policies, minus eta
+    KL(pi_theta_old || pi_theta) measured on the pre-update states (to keep the pre-update policy close as well)."""
     ratio, _ = post_update_terms(apply_fn, theta, theta_old, pre, post, args)
     clipped = jnp.minimum(ratio * post.advantage,
                           jnp.clip(ratio, 1 - args.promp_clip, 1 + args.promp_clip) * post.advantage)
@@ -475,13 +458,10 @@ def promp_objective(apply_fn, theta, theta_old, pre: Batch, post: Batch, args: A
 
 
 def promp_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
-    """[6] promp: a few Adam steps on the clipped meta-objective. Adam starts
-    afresh at every meta-iteration (as in ProMP's code), so no optimiser state
-    outlives the step."""
+    """[6] promp: a few Adam steps on the clipped meta-objective. Adam starts afresh at every meta-iteration (as in
+    ProMP's code), so no optimiser state outlives the step."""
     opt = optax.adam(args.promp_lr)
-
-    def loss(th):
-        return -promp_objective(apply_fn, th, theta, pre, post, args)
+    loss = lambda th: -promp_objective(apply_fn, th, theta, pre, post, args)
 
     def body(carry, _):
         th, opt_state = carry
@@ -497,8 +477,8 @@ def promp_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
 # Meta-training phases and meta-test
 # ----------------------------------------------------------------------------
 class Phases(NamedTuple):
-    """The jitted phases of a meta-iteration, and the MuJoCo sampler (None for
-    a pure-JAX family) whose state a checkpoint keeps."""
+    """The jitted phases of a meta-iteration, and the MuJoCo sampler (None for a pure-JAX family) whose state a
+    checkpoint keeps."""
 
     sample: Callable  # (params per task, tasks, key) -> Batch with advantages   [2], [3], [5]
     inner: Callable  # (params per task, batch, lr) -> adapted params           [4]
@@ -511,34 +491,23 @@ def make_phases(env, policy: GaussianMLP, args: Args, dims: Dims, seed: int = 0)
     apply_fn = policy.apply
     advantages = jax.jit(jax.vmap(lambda b: with_advantages(b, args.gamma)))
     gym_sampler = None
-
     if isinstance(env, TaskFamily):  # MuJoCo: a vector env steps, JAX acts
         gym_sampler = GymTaskSampler(args.env_id, apply_fn, args, dims, seed)
-
-        def sample(params_per_task, tasks, key):
-            return advantages(gym_sampler(params_per_task, tasks, key))
+        sample = lambda params_per_task, tasks, key: advantages(gym_sampler(params_per_task, tasks, key))
     else:  # pure JAX: all tasks and trajectories in one jitted, vmapped scan
 
         @jax.jit
         def sample(params_per_task, tasks, key):
             """[2]/[5] N trajectories per task with per-task params, + advantages."""
-            keys = jax.random.split(key, args.meta_batch)
             batch = jax.vmap(lambda p, t, k: rollouts(apply_fn, p, t, k, env, args, dims))(
-                params_per_task, tasks, keys)
+                params_per_task, tasks, jax.random.split(key, args.meta_batch))
             return advantages(batch)
 
-    @jax.jit
-    def inner(params_per_task, batch, lr):
-        """[4] one inner step per task (values only: the outer step redoes it)."""
-        return jax.vmap(lambda p, b: inner_step(apply_fn, p, b, args, lr))(params_per_task, batch)
-
-    @jax.jit
-    def outer(theta, pre, post):
-        """[6] the outer update; pre has axes (M, K, N, T, ...)."""
-        if args.estimator == "promp":
-            return promp_step(apply_fn, theta, pre, post, args)
-        return trpo_step(apply_fn, theta, pre, post, args)
-
+    # [4] one inner step per task (values only: the outer step redoes it)
+    inner = jax.jit(jax.vmap(lambda p, b, lr: inner_step(apply_fn, p, b, args, lr), in_axes=(0, 0, None)))
+    # [6] the outer update; pre has axes (M, K, N, T, ...)
+    outer_step = promp_step if args.estimator == "promp" else trpo_step
+    outer = jax.jit(lambda theta, pre, post: outer_step(apply_fn, theta, pre, post, args))
     return Phases(sample, inner, outer, gym_sampler)
 
 
@@ -547,10 +516,9 @@ def broadcast(params, n: int):
 
 
 def meta_iteration(theta, tasks, key, phases: Phases, args: Args):
-    """[2]-[6] one meta-iteration. Returns the new theta, the mean return
-    before and after adaptation, and the outer step's diagnostics."""
-    params = broadcast(theta, args.meta_batch)
-    pre = []
+    """[2]-[6] one meta-iteration. Returns the new theta, the mean return before and after adaptation, and the outer
+    step's diagnostics."""
+    params, pre = broadcast(theta, args.meta_batch), []
     for j in range(args.inner_steps):
         batch = phases.sample(params, tasks, jax.random.fold_in(key, j))  # [2], [3]
         pre.append(batch)
@@ -561,22 +529,17 @@ def meta_iteration(theta, tasks, key, phases: Phases, args: Args):
     else:  # no adaptation: the "pre-update" batch is the post-update one
         pre = jax.tree.map(lambda x: x[:, None], post)
     theta, info = phases.outer(theta, pre, post)  # [6]
-
-    def returns(b):
-        return b.reward.sum(-1).mean()
-
+    returns = lambda b: b.reward.sum(-1).mean()
     info = {**info, "return/pre_update": returns(pre) if args.inner_steps else returns(post),
             "return/post_update": returns(post)}
     return theta, info
 
 
 def meta_test(theta, tasks, key, phases: Phases, args: Args, steps: int):
-    """[7] Fig. 5: mean return on new tasks before adaptation and after each
-    of `steps` inner steps, each step on fresh samples of the adapted policy.
-    (The authors' test script halves the step size after the first step.)
+    """[7] Fig. 5: mean return on new tasks before adaptation and after each of `steps` inner steps, each step on
+    fresh samples of the adapted policy. (The authors' test script halves the step size after the first step.)
     `args.meta_batch` is the number of test tasks (see `setup`)."""
-    params = broadcast(theta, args.meta_batch)
-    curve = []
+    params, curve = broadcast(theta, args.meta_batch), []
     for j in range(steps + 1):
         batch = phases.sample(params, tasks, jax.random.fold_in(key, j))
         curve.append(float(batch.reward.sum(-1).mean()))
@@ -586,8 +549,7 @@ def meta_test(theta, tasks, key, phases: Phases, args: Args, steps: int):
 
 
 def make_task_env(env_id: str):
-    """The task family behind env_id (a pure-JAX FuncEnv, or a MuJoCo
-    TaskFamily wrapper), or a one-line error."""
+    """The task family behind env_id (a pure-JAX FuncEnv, or a MuJoCo TaskFamily wrapper), or a one-line error."""
     env = make_env(env_id)
     family = func_env_of(env)
     if family is None or not is_task_family(family):
@@ -596,14 +558,12 @@ def make_task_env(env_id: str):
         fail(f"MAML needs a task family (an env with sample_tasks); '{env_id}' is not one "
              f"(try PointNav2D-v0, HalfCheetahDir-v0, HalfCheetahVel-v0, AntDir-v0)")
     if not isinstance(family.action_space, spaces.Box):
-        fail(f"this MAML uses a Gaussian policy and needs a Box action space; '{env_id}' has "
-             f"{family.action_space}")
+        fail(f"this MAML uses a Gaussian policy and needs a Box action space; '{env_id}' has {family.action_space}")
     return family
 
 
 def validate(args: Args):
-    """One-line errors for settings that cannot work, before anything heavy.
-    Returns the task family and its sizes."""
+    """One-line errors for settings that cannot work, before anything heavy. Returns the task family and its sizes."""
     check_ranges(args, at_least_1=("meta_batch", "trajectories_per_task", "cg_iters", "backtrack_steps",
                                    "promp_steps", "hidden_sizes"),
                  non_negative=("inner_steps", "test_steps", "cg_damping", "promp_kl_coef"),
@@ -622,8 +582,8 @@ def validate(args: Args):
     if args.total_timesteps < per_iter:
         fail(f"--total-timesteps {args.total_timesteps} is less than one meta-iteration: --meta-batch x "
              f"--trajectories-per-task x horizon ({dims.horizon}) x (--inner-steps + 1) = {per_iter} env steps")
-    # the trajectory batches of one iteration (obs, action, reward, mask, logp, advantage), in float32,
-    # held as NumPy/device copies and stacked: about 3 copies
+    # the trajectory batches of one iteration (obs, action, reward, mask, logp, advantage), in float32, held as
+    # NumPy/device copies and stacked: about 3 copies
     largest = max(args.meta_batch, args.eval_episodes)
     check_memory(3 * 4 * largest * args.trajectories_per_task * dims.horizon * (args.inner_steps + 1)
                  * (dims.obs_dim + dims.action_dim + 4), "the trajectory batches",
@@ -635,8 +595,8 @@ def validate(args: Args):
 # Main
 # ----------------------------------------------------------------------------
 def setup(args: Args):
-    """Env, sizes, policy and the jitted phases for training and for the
-    meta-test (whose args have meta_batch = eval_episodes, the test tasks)."""
+    """Env, sizes, policy and the jitted phases for training and for the meta-test (whose args have
+    meta_batch = eval_episodes, the test tasks)."""
     env, dims = validate(args)
     policy = GaussianMLP(dims.action_dim, tuple(args.hidden_sizes))
     test_args = dataclasses.replace(args, meta_batch=args.eval_episodes)
@@ -648,8 +608,7 @@ def main(args: Args) -> dict:
     env, dims, policy, phases, test_args, test_phases = setup(args)
     key = seed_everything(args.seed)
     per_iter = steps_per_iteration(args, dims)
-    iterations = args.total_timesteps // per_iter
-    eval_every = max(1, args.eval_interval // per_iter)
+    iterations, eval_every = args.total_timesteps // per_iter, max(1, args.eval_interval // per_iter)
     key, k_init, k_test = jax.random.split(key, 3)
     theta = policy.init(k_init, jnp.zeros(dims.obs_dim))
     if args.init_params and not args.resume:
@@ -657,19 +616,15 @@ def main(args: Args) -> dict:
     test_tasks = env.sample_tasks(k_test, args.eval_episodes)  # the same new tasks at every meta-test
     run = Run(args)
 
-    # Everything needed to continue after a meta-iteration: theta, the
-    # iteration counter, the key, and (MuJoCo) the samplers' seeds and envs.
-    # ProMP's Adam restarts at every iteration, so there is no optimiser state.
-    def checkpoint(theta, key, it):
-        samplers = {name: p.sampler.state() for name, p in (("train", phases), ("test", test_phases))
-                    if p.sampler is not None}
-        return {"theta": theta, "key": key, "iteration": np.int64(it), "samplers": samplers}
-
+    # Everything needed to continue after a meta-iteration: theta, the iteration counter, the key, and (MuJoCo) the
+    # samplers' seeds and envs. ProMP's Adam restarts at every iteration, so there is no optimiser state.
+    samplers = {name: p.sampler for name, p in (("train", phases), ("test", test_phases)) if p.sampler is not None}
+    checkpoint = lambda theta, key, it: {"theta": theta, "key": key, "iteration": np.int64(it),
+                                         "samplers": {name: s.state() for name, s in samplers.items()}}
     state = run.restore(checkpoint(theta, key, 0))
     theta, key, start_it = state["theta"], state["key"], int(state["iteration"])
-    for name, p in (("train", phases), ("test", test_phases)):
-        if p.sampler is not None and start_it:
-            p.sampler.set_state(state["samplers"][name])
+    for name, sampler in samplers.items() if start_it else ():
+        sampler.set_state(state["samplers"][name])
     start, curves = time.time(), []
     for it in range(start_it + 1, iterations + 1):
         step = it * per_iter
@@ -679,8 +634,7 @@ def main(args: Args) -> dict:
             theta, info = meta_iteration(theta, tasks, k_iter, phases, args)  # [2]-[6]
             info = jax.device_get(info)
         check_finite(step, **info)
-        metrics = {k: float(v) for k, v in info.items()}
-        metrics["sps"] = (it - start_it) * per_iter / (time.time() - start)
+        metrics = {**{k: float(v) for k, v in info.items()}, "sps": (it - start_it) * per_iter / (time.time() - start)}
         if it % eval_every == 0 or it == iterations:  # [7]
             with run.timed("meta_test"):
                 curve = meta_test(theta, test_tasks, jax.random.fold_in(k_test, it), test_phases, test_args,

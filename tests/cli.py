@@ -84,3 +84,13 @@ def cli_error(module, *argv: str) -> str:
         assert "Traceback" not in err.getvalue(), f"{argv}: {err.getvalue()}"
         return message
     raise AssertionError(f"{argv}: accepted")
+
+
+def one_line_error(res: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a script that refused its input; fails the test if
+    it exited 0, printed a traceback or more than one line."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0, "exited with status 0"
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr + res.stdout, res.stderr[-2000:]
+    return lines[0]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import cli_error, comparable, kill_after_checkpoint, run_algo
+from cli import cli_error, comparable, kill_after_checkpoint, one_line_error, run_algo
 from flax import serialization
 
 from algos import dyna_q as dq
@@ -290,7 +290,4 @@ def test_bad_input_is_one_line_error(argv, message):
     (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, flags, message):
-    out = cli(*flags, cwd=tmp_path)
-    assert out.returncode != 0
-    assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert message in one_line_error(cli(*flags, cwd=tmp_path))

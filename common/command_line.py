@@ -108,6 +108,7 @@ def _one_line(text: str) -> str:
             block.append(s)
     blocks.append(block)
     message = " ".join(blocks[1] if len(blocks) > 1 and blocks[1] else blocks[0]) or "bad command line"
+    message = message.split(" Got errors:")[0]  # tyro's per-type attempts for a union-typed flag: noise here
     for b in blocks[2:]:
         if b and b[0].startswith("Perhaps you meant") and len(b) > 1:
             message += f"; perhaps you meant {b[1].split()[0]}"

@@ -280,6 +280,9 @@ def test_parser_errors_become_one_line():
     with pytest.raises(BadInput) as e:
         cli(CommonArgs, lambda a: None, argv=["--seed", "-1"])
     assert "--seed must be in" in one_line(e)
+    with pytest.raises(BadInput) as e:  # a union-typed flag: tyro's per-type attempts are left out
+        cli(_Flags, lambda a: None, argv=["--schedule", "1", "2", "3"])
+    assert "Error parsing --schedule" in one_line(e) and "Got errors" not in one_line(e)
     assert cli(CommonArgs, lambda a: a.seed, argv=["--seed", "7"]) == 7
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import gymnasium as gym
 import jax
+import mujoco
 import numpy as np
 from flax import serialization
 
@@ -144,8 +145,6 @@ def env_state(env: gym.Env) -> dict:
     out["np_random"] = numpy_rng_state(u.np_random)
     out["action_space_rng"] = numpy_rng_state(u.action_space.np_random)
     if hasattr(u, "model") and hasattr(u, "data"):  # MuJoCo
-        import mujoco
-
         spec = mujoco.mjtState.mjSTATE_INTEGRATION
         physics = np.empty(mujoco.mj_stateSize(u.model, spec), np.float64)
         mujoco.mj_getState(u.model, u.data, physics, spec)
@@ -170,8 +169,6 @@ def set_env_state(env: gym.Env, state: dict) -> gym.Env:
     set_numpy_rng_state(u.np_random, state["np_random"])
     set_numpy_rng_state(u.action_space.np_random, state["action_space_rng"])
     if "physics" in state:
-        import mujoco
-
         mujoco.mj_setState(u.model, u.data, np.asarray(state["physics"], np.float64),
                            mujoco.mjtState.mjSTATE_INTEGRATION)
         mujoco.mj_forward(u.model, u.data)

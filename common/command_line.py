@@ -13,12 +13,16 @@ stderr and exit status 1; an unexpected exception is reported in one line too.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
+
+import tyro
 
 from common.checks import check_common, fail, flag
 
@@ -59,11 +63,6 @@ def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = Non
     script's validate) and divergence end with one line on stderr. An exception
     that escapes `main` is reported in one line too, with where it was raised;
     set JAX_MBRL_TRACEBACK=1 to see the whole traceback instead."""
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    import tyro
-
     module = sys.modules.get(main.__module__)
     name = getattr(getattr(module, "__spec__", None), "name", None)  # None when run as `python file.py`
     prog = f"python -m {name}" if name else f"python {Path(sys.argv[0]).name}"

@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from gymnasium.wrappers import RecordVideo
 
 from common.checkpoints import read_checkpoint, restore_into, save_checkpoint
 from common.checks import Divergence, fail, flag
@@ -268,8 +269,6 @@ def record_video(env, policy: Callable[[Any], Any], folder: str | Path, episodes
                  seed: int = 0, max_steps: int = 1000) -> Path:
     """Record `episodes` episodes of `policy(obs) -> action` with gymnasium's
     RecordVideo. `env` must be made with `render_mode="rgb_array"`."""
-    from gymnasium.wrappers import RecordVideo
-
     folder = Path(folder)
     env = RecordVideo(env, str(folder), episode_trigger=lambda _: True, disable_logger=True)
     for ep in range(episodes):

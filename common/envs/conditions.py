@@ -10,6 +10,9 @@ Reacher-v5 and PointMass-v0 (`make_conditions_env`), their cost
 from __future__ import annotations
 
 import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import mujoco
 import numpy as np
 
 from common.checks import fail
@@ -38,8 +41,6 @@ from common.jax_envs.navigation import PointMassParams
 
 def gps_cost(dist_vec, u, final, l1=0.1, l2=10.0, alpha=1e-5, wu=1e-3, final_l1=1.0, final_weight=10.0):
     """Quadratic-plus-log distance cost plus torque penalty, one step (JAX)."""
-    import jax.numpy as jnp
-
     d2 = jnp.sum(dist_vec**2)
     running = 0.5 * l2 * d2 + 0.5 * l1 * jnp.log(alpha + d2)
     final_term = final_weight * 0.5 * final_l1 * jnp.log(alpha + d2)
@@ -69,8 +70,6 @@ class ReacherConditions(gym.Wrapper):
         self.num_train = len(self.train_targets)
 
     def reset(self, *, seed=None, options=None):
-        import mujoco
-
         i = int((options or {}).get("condition", 0))
         if not 0 <= i < len(self.targets):
             fail(f"condition {i} out of range [0, {len(self.targets)})")
@@ -89,8 +88,6 @@ class ReacherConditions(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def state(self) -> np.ndarray:
-        import mujoco
-
         base = self.env.unwrapped
         model, data = base.model, base.data
         mujoco.mj_kinematics(model, data)  # positions of the current qpos (mj_step leaves them one substep old)
@@ -105,8 +102,6 @@ class ReacherConditions(gym.Wrapper):
 
     @staticmethod
     def distance(x):
-        import jax.numpy as jnp
-
         return jnp.sqrt(jnp.sum(x[4:6] ** 2))
 
     @staticmethod
@@ -147,8 +142,6 @@ class PointMassConditions(gym.Wrapper):
 
     @staticmethod
     def distance(x):
-        import jax.numpy as jnp
-
         return jnp.sqrt(jnp.sum(x[:2] ** 2))
 
     @staticmethod
@@ -184,9 +177,6 @@ def rollout_condition(env, condition: int, T: int, act, seed: int):
 
 def evaluate_conditions(env, conds, T: int, acts, seed: int):
     """One run per condition conds[i] with acts[i]: mean final distance and mean trajectory cost."""
-    import jax
-    import jax.numpy as jnp
-
     runs = [rollout_condition(env, c, T, act, seed) for c, act in zip(conds, acts, strict=True)]
     xs, us = (jnp.asarray(np.stack([r[i] for r in runs]), jnp.float32) for i in (0, 1))
     cs = jax.vmap(jax.vmap(env.cost))(xs, us, jnp.broadcast_to(jnp.arange(T) == T - 1, xs.shape[:2]))

@@ -14,6 +14,8 @@ on real transitions (tests check both).
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from common.envs import lookup
 
 # --------------------------------------------------------------------------
@@ -33,8 +35,6 @@ def pendulum_reward(obs, action, next_obs):
     (clipped) action matter. theta = atan2(sin, cos) equals the env's
     angle_normalize(theta); the cost has a kink at theta = +-pi (hanging down).
     """
-    import jax.numpy as jnp
-
     cos, sin, thetadot = obs[0], obs[1], obs[2]
     u = jnp.clip(action[0], -2.0, 2.0)
     theta = jnp.arctan2(sin, cos)
@@ -50,8 +50,6 @@ def reacher_reward(obs, action, next_obs):
     norm is smoothed by 1e-12 inside the root: the plain norm has an infinite
     (NaN) gradient when the fingertip is exactly on the target.
     """
-    import jax.numpy as jnp
-
     vec = next_obs[-2:]
     return -jnp.sqrt(jnp.sum(vec**2) + 1e-12) - jnp.sum(action**2)
 
@@ -83,8 +81,6 @@ def reward_function(env_id: str):
 
 def hopper_terminated(obs, action, next_obs):
     """Hopper-v5 unhealthy: not (z > 0.7, |angle| < 0.2, all |obs[1:]| < 100)."""
-    import jax.numpy as jnp
-
     z, angle = next_obs[0], next_obs[1]
     healthy = (z > 0.7) & (jnp.abs(angle) < 0.2) & jnp.all(jnp.abs(next_obs[1:]) < 100.0)
     return ~healthy
@@ -98,8 +94,6 @@ def walker2d_terminated(obs, action, next_obs):
 
 def ant_terminated(obs, action, next_obs):
     """Ant-v5 unhealthy: not (state finite, 0.2 <= z <= 1.0) (inclusive bounds)."""
-    import jax.numpy as jnp
-
     z = next_obs[0]
     return ~(jnp.all(jnp.isfinite(next_obs)) & (z >= 0.2) & (z <= 1.0))
 
@@ -112,15 +106,11 @@ def humanoid_terminated(obs, action, next_obs):
 
 def inverted_pendulum_terminated(obs, action, next_obs):
     """InvertedPendulum-v5: obs not finite or pole angle |obs[1]| > 0.2."""
-    import jax.numpy as jnp
-
     return ~jnp.all(jnp.isfinite(next_obs)) | (jnp.abs(next_obs[1]) > 0.2)
 
 
 def never_terminated(obs, action, next_obs):
     """HalfCheetah-v5 (and any env whose episodes only end by the time limit)."""
-    import jax.numpy as jnp
-
     return jnp.zeros((), bool)
 
 

@@ -10,6 +10,7 @@ registered in common/envs/__init__.py from `TASK_FAMILIES`.
 from __future__ import annotations
 
 import gymnasium as gym
+import jax
 
 
 # --------------------------------------------------------------------------
@@ -56,8 +57,6 @@ class HalfCheetahVel(TaskFamily):
         super().__init__(gym.make("HalfCheetah-v5", ctrl_cost_weight=0.05, **kwargs), task=1.0)
 
     def sample_tasks(self, key, n: int):
-        import jax
-
         return jax.random.uniform(key, (n,), minval=0.0, maxval=2.0)
 
     def task_reward(self, info, task):
@@ -71,8 +70,6 @@ class HalfCheetahDir(TaskFamily):
         super().__init__(gym.make("HalfCheetah-v5", ctrl_cost_weight=0.05, **kwargs), task=1.0)
 
     def sample_tasks(self, key, n: int):
-        import jax
-
         return jax.random.choice(key, jax.numpy.array([-1.0, 1.0]), (n,))
 
     def task_reward(self, info, task):
@@ -88,8 +85,6 @@ class AntDir(TaskFamily):
                                   **kwargs), task=1.0)
 
     def sample_tasks(self, key, n: int):
-        import jax
-
         return jax.random.choice(key, jax.numpy.array([-1.0, 1.0]), (n,))
 
     def task_reward(self, info, task):

@@ -48,7 +48,6 @@ Algorithm (the lecture's box; the numbers mark the code below):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 from collections.abc import Callable
 from functools import partial
@@ -69,7 +68,7 @@ from common.checks import check_finite, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import reward_function
-from common.experiment import CommonArgs, Run, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,10 +379,7 @@ def validate(args: Args) -> Dims:
     check_memory(3 * 4 * args.total_timesteps * (2 * dims.obs_dim + dims.act_dim), "the dataset D",
                  "lower --total-timesteps")
     if args.capture_video:
-        needs = {"moviepy": "moviepy"} | ({"pygame": "pygame"} if args.env_id == "Pendulum-v1" else {})
-        for module, package in needs.items():
-            if importlib.util.find_spec(module) is None:
-                fail(f"--capture-video on {args.env_id} needs {package} (pip install {package})")
+        check_video_support(args.env_id)
     return dims
 
 
@@ -432,8 +428,7 @@ def main(args: Args) -> dict:
     n, iteration, episode_return = int(state["n"]), int(state["iteration"]), float(state["episode_return"])
     eval_return = float(state["eval_return"])
     if run.start_step:
-        data_np = {k: np.array(v) for k, v in state["data"].items()}
-        obs = np.asarray(state["obs"])
+        data_np, obs = state["data"], state["obs"]
         set_numpy_rng_state(rng, state["rng"])
         set_env_state(env, state["env"])
         set_env_state(eval_env, state["eval_env"])

@@ -69,7 +69,7 @@ from common.checkpoints import save_checkpoint
 from common.checks import check_finite_series, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import make_env
-from common.experiment import CommonArgs, Run, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
 from common.jax_envs.adapter import func_env_of
 
 
@@ -477,6 +477,8 @@ def check_sizes(args: Args, dims: Dims) -> None:
 def main(args: Args) -> dict:
     validate(args)
     env = make_func_env(args.env_id)
+    if args.capture_video:
+        check_video_support(args.env_id)
     dims = Dims(env.num_states, env.num_actions)
     check_sizes(args, dims)
     schedule = schedule_of(env)
@@ -491,7 +493,6 @@ def main(args: Args) -> dict:
         "eval_return": np.full((args.num_periods, seeds), np.nan, np.float32),
         "eval_length": np.full((args.num_periods, seeds), np.nan, np.float32),
     })
-    state = {k: v if k == "carry" else np.array(v) for k, v in state.items()}  # writable copies
     i = run.start_step // P  # periods done
     while i < args.num_periods and not finished(state["carry"].episodes, args):
         # [1]-[7] one jitted call: eval_interval steps of every repetition, then the evaluation

@@ -52,7 +52,6 @@ Steps [2]-[6] run in float64 (one region in main), the policy in float32.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 from functools import partial
 from typing import Literal, NamedTuple
@@ -72,7 +71,7 @@ from common.checkpoints import numpy_rng_state, save_checkpoint, set_numpy_rng_s
 from common.checks import check_finite, check_memory, check_ranges, fail, flag
 from common.command_line import cli
 from common.envs.conditions import evaluate_conditions, make_conditions_env, rollout_condition
-from common.experiment import CommonArgs, Run, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)
@@ -692,8 +691,8 @@ def validate(args: Args, env) -> Dims:
              "evaluated policies are noise-free, so every further run would repeat the first")
     if args.capture_video and args.algorithm == "lqr_flm":
         fail("--capture-video films the global policy, which --algorithm lqr_flm does not train")
-    if args.capture_video and importlib.util.find_spec("moviepy") is None:
-        fail("--capture-video needs moviepy (pip install moviepy)")
+    if args.capture_video:
+        check_video_support(args.env_id)
     if not isinstance(env.action_space, spaces.Box):
         fail(f"GPS needs a continuous (Box) action space; '{args.env_id}' has {env.action_space}")
     if args.conditions > env.num_train:

@@ -65,7 +65,7 @@ from common.checks import check_finite, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, never_terminated
-from common.experiment import CommonArgs, Run, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
 
 # The paper's per-env settings (jannerm/mbpo examples/config/*/0.py): G updates per env
 # step, SAC target entropy, rollout-length schedule [start epoch, end epoch, min k, max k],
@@ -444,6 +444,8 @@ def validate(args: Args) -> None:
         if min_k < 1 or max_k < min_k or end < start:
             fail(f"--rollout-schedule needs 1 <= min k <= max k and start <= end, got {args.rollout_schedule}")
     check_env_id(args.env_id)
+    if args.capture_video:
+        check_video_support(args.env_id)
     env = make_env(args.env_id, **TRUNCATED_OBS_KWARGS.get(args.env_id, {}))
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"MBPO (SAC) needs a continuous (Box) action space; '{args.env_id}' has {env.action_space}")
@@ -507,8 +509,7 @@ def main(args: Args) -> dict:
         model_buf=ReplayBuffer.create(example, model_size(args, args.rollout_schedule[3])),
         model_size=np.int64(0), model_metrics=no_fit_yet, key=key, rng=numpy_rng_state(rng), env=env_state(env),
         obs=np.asarray(obs), ep_return=np.float64(0.0), returns=np.full(10, np.nan), eval_env=env_state(eval_env)))
-    sac, model_state, real_buf, model_buf, key = jax.tree.map(  # restored leaves are NumPy: back to JAX arrays
-        jnp.asarray, (state["sac"], state["model"], state["real_buf"], state["model_buf"], state["key"]))
+    sac, model_state, real_buf, model_buf, key = (state[k] for k in ("sac", "model", "real_buf", "model_buf", "key"))
     size, model_metrics = int(state["model_size"]), state["model_metrics"]
     set_numpy_rng_state(rng, state["rng"])
     set_env_state(env, state["env"])

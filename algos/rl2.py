@@ -566,8 +566,6 @@ def main(args: Args) -> dict:
     metric_names = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "train/trial_reward")
     state = run.restore({"carry": carry, "evals": evals,
                          "metrics": {k: np.zeros((E * U, args.num_seeds), np.float32) for k in metric_names}})
-    state = {"carry": state["carry"], "evals": np.array(state["evals"]),
-             "metrics": {k: np.array(v) for k, v in state["metrics"].items()}}  # writable copies
     for i in range(run.start_step // (U * step_size), E):
         # [1]-[5] one jitted call: U PPO iterations of every seed, then the evaluation
         with run.timed("train"):

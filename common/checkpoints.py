@@ -24,6 +24,7 @@ from typing import Any
 
 import gymnasium as gym
 import jax
+import jax.numpy as jnp
 import mujoco
 import numpy as np
 from flax import serialization
@@ -93,11 +94,19 @@ def _mismatch(template, raw, where: str = "") -> str | None:
 
 def restore_into(template: Any, raw: dict, path: str | Path, what: str = "checkpoint") -> Any:
     """`raw` (from read_checkpoint) restored into `template`'s structure, or a
-    one-line error naming the first leaf whose structure or shape differs."""
+    one-line error naming the first leaf whose structure or shape differs.
+    Each leaf comes back as the template's kind: a JAX array where the template
+    has one of the same dtype, else a writable NumPy array (msgpack's own are
+    read-only views; a float64 leaf stays float64 when x64 is off)."""
     problem = _mismatch(template, raw)
     if problem:
         fail(f"{what} '{path}' does not match this run: {problem}")
-    return serialization.from_state_dict(template, raw)
+    def like(t, r):
+        if not isinstance(r, np.ndarray):
+            return r
+        return jnp.asarray(r) if isinstance(t, jax.Array) and t.dtype == r.dtype else np.array(r)
+
+    return jax.tree.map(like, template, serialization.from_state_dict(template, raw))
 
 
 def load_checkpoint(path: str | Path, template: Any = None, what: str = "checkpoint") -> Any:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -36,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import jax
 import numpy as np
 from gymnasium.wrappers import RecordVideo
@@ -265,6 +267,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------
 # Video
 # --------------------------------------------------------------------------
+def check_video_support(env_id: str) -> None:
+    """One-line error, before training, when `--capture-video` could not write its
+    video: RecordVideo needs moviepy, and the classic-control envs draw with pygame."""
+    needs = ["moviepy"]
+    entry = str(getattr(gym.spec(env_id), "entry_point", ""))
+    if entry.startswith("gymnasium.envs.classic_control"):
+        needs.append("pygame")
+    for module in needs:
+        if importlib.util.find_spec(module) is None:
+            fail(f"--capture-video on {env_id} needs {module} (pip install {module})")
+
+
 def record_video(env, policy: Callable[[Any], Any], folder: str | Path, episodes: int = 1,
                  seed: int = 0, max_steps: int = 1000) -> Path:
     """Record `episodes` episodes of `policy(obs) -> action` with gymnasium's

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -31,7 +33,7 @@ from common.checks import (
 )
 from common.command_line import _one_line, cli, resume_args
 from common.envs import make_env
-from common.experiment import CommonArgs, Run, read_metrics
+from common.experiment import CommonArgs, Run, check_video_support, read_metrics
 
 
 def one_line(excinfo) -> str:
@@ -125,6 +127,7 @@ def test_resume_restores_state_counters_rngs_and_drops_later_metrics(tmp_path):
     assert (random.random(), np.random.rand()) == expected
     got = resumed.restore({"params": np.zeros(3), "numpy": ""})
     np.testing.assert_array_equal(got["params"], 2.0)
+    got["params"][0] = 5.0  # a writable NumPy array, as the template's (msgpack's own are read-only)
     assert [r["x"] for r in read_metrics(run.dir)] == [10, 20]
     assert not resumed.checkpoint_due(29) and resumed.checkpoint_due(30)
     resumed.log({"x": 30}, 30)
@@ -195,6 +198,13 @@ def test_env_state_continues_an_episode_exactly(env_id, tmp_path):
         assert (r1, t1, u1) == (r2, t2, u2)
 
 
+def test_restored_leaves_are_of_the_templates_kind(tmp_path):
+    path = save_checkpoint(tmp_path / "c.msgpack", {"j": jnp.ones(2), "n": np.ones(2), "d": np.ones(2)})
+    got = load_checkpoint(path, {"j": jnp.zeros(2), "n": np.zeros(2), "d": jnp.zeros(2, jnp.float32)})
+    assert isinstance(got["j"], jax.Array) and isinstance(got["n"], np.ndarray) and got["n"].flags.writeable
+    assert isinstance(got["d"], np.ndarray) and got["d"].dtype == np.float64  # other dtype: kept as saved
+
+
 def test_numpy_rng_state_round_trip():
     rng = np.random.default_rng(1)
     state = numpy_rng_state(rng)
@@ -258,6 +268,18 @@ def test_check_finite_series_reports_the_first_bad_step():
     with pytest.raises(Divergence) as e:
         check_finite_series(steps, loss=loss, grad=grad)
     assert "at env step 500: 'grad'" in one_line(e)
+
+
+def test_video_support_is_checked_before_training(monkeypatch):
+    import importlib.util
+
+    check_video_support("Pendulum-v1")  # both installed (requirements.txt)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pygame" else real(name, *a))
+    check_video_support("InvertedPendulum-v5")  # MuJoCo renders without pygame
+    with pytest.raises(BadInput) as e:
+        check_video_support("Pendulum-v1")
+    assert "--capture-video on Pendulum-v1 needs pygame" in one_line(e)
 
 
 def test_memory_estimate_refuses_what_cannot_fit():

@@ -13,16 +13,16 @@ the true differentiable simulator (gymnasium's JAX pendulum):
   (c) the median (over policy steps) norm of the batch gradient met in that
       training, and how often it exceeded 10x its run's median (spikes).
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.backprop_horizon_study
-    python -m benchmarks.backprop_horizon_study --seeds 1 --total-timesteps 2000   # quick look
+Run:
+    python -m benchmarks.backprop_horizon_study --quick   # 1 seed, H in {5, 50}, 1000 steps
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.backprop_horizon_study --save   # 36 runs, ~35 min
 
-Writes benchmarks/results/backprop_horizon_study.json and
-benchmarks/plots/backprop_horizon_study.png.
+Writes backprop_horizon_study.json and .png to benchmarks/out/ (with --save:
+benchmarks/results/ and benchmarks/plots/).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from functools import partial
 
@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import backprop_through_model as btm  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from benchmarks.harness import mean_and_stderr, save_figure, save_results, scratch_dir, timer  # noqa: E402
 from common.envs.model_fns import pendulum_reward  # noqa: E402
 
@@ -62,21 +63,28 @@ def grad_norms(model, policy, horizon, dynamics, gamma, policy_params, model_par
     return btm.per_start_grad_norms(policy_fn, step_fn, pendulum_reward, cfg, policy_params, start_obs)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+def main(argv=None):
+    p = harness.parser("backprop_horizon_study", __doc__, seeds=[1, 2, 3],
+                       quick={"seeds": [1], "horizons": [5, btm.Args.horizon], "total_timesteps": 1000,
+                              "start_states": 64})
     p.add_argument("--total-timesteps", type=int, default=3000,
                    help="real env steps of each training run of part (b)")
     p.add_argument("--start-states", type=int, default=256, help="start states for part (a)")
-    a = p.parse_args()
+    p.add_argument("--horizons", nargs="+", type=int, default=HORIZONS,
+                   help=f"horizons H to study; must include the default H = {btm.Args.horizon}, whose trained "
+                        "policy and model part (a) uses")
+    a = harness.parse(p, argv)
+    if btm.Args.horizon not in a.horizons:
+        p.error(f"--horizons must include {btm.Args.horizon} (part (a) uses that run's policy and model)")
+    horizons = sorted(a.horizons)
     args0 = btm.Args()
     model, policy = btm.MLP(args0.model_hidden, 3), btm.make_policy(1, args0.policy_hidden)
 
     # (b), (c) training with horizon H
-    runs = {d: {H: [] for H in HORIZONS} for d in DYNAMICS}
+    runs = {d: {H: [] for H in horizons} for d in DYNAMICS}
     references = {}  # seed -> the (learned, H = 50) run, whose policy and model part (a) uses
     for d in DYNAMICS:
-        for H in HORIZONS:
+        for H in horizons:
             for seed in a.seeds:
                 out = {}
                 with timer(out):
@@ -97,7 +105,7 @@ def main():
                       f"median grad norm {np.median(gn):.3g}, {out['wall_seconds']:.0f} s", flush=True)
 
     # (a) gradient norms vs H at fixed policies
-    norms = {(d, w, g): {H: [] for H in HORIZONS}
+    norms = {(d, w, g): {H: [] for H in horizons}
              for d in DYNAMICS for w in ("initial", "trained") for g in GAMMAS}
     for seed in a.seeds:
         ref = references[seed]  # trained with the default H = 50 through the learned model
@@ -107,7 +115,7 @@ def main():
         policies = {"initial": policy.init(jax.random.PRNGKey(seed), jnp.zeros(3)),
                     "trained": ref["policy_params"]}
         for (d, w, gamma), table in norms.items():
-            for H in HORIZONS:
+            for H in horizons:
                 g = grad_norms(model, policy, H, d, gamma, policies[w], ref["model_params"], ref["normalizer"],
                                start_obs)
                 table[H].append(np.asarray(g))
@@ -134,13 +142,13 @@ def main():
             for w in ("initial", "trained"):
                 s = summary_a[f"{d}/{w}/gamma={gamma}"]
                 ls = "-" if w == "trained" else "--"
-                ax[panel].plot(HORIZONS, [s[H]["median"] for H in HORIZONS], ls, marker="o", color=colors[d],
+                ax[panel].plot(horizons, [s[H]["median"] for H in horizons], ls, marker="o", color=colors[d],
                                label=f"{d} dynamics, {w} policy")
-                ax[panel].fill_between(HORIZONS, [s[H]["p10"] for H in HORIZONS],
-                                       [s[H]["p90"] for H in HORIZONS], color=colors[d],
+                ax[panel].fill_between(horizons, [s[H]["p10"] for H in horizons],
+                                       [s[H]["p90"] for H in horizons], color=colors[d],
                                        alpha=0.15 if w == "trained" else 0.07, linewidth=0)
-        base = summary_a[f"true/trained/gamma={gamma}"][HORIZONS[0]]["median"] / HORIZONS[0]
-        ax[panel].plot(HORIZONS, [base * H for H in HORIZONS], ":", color="gray",
+        base = summary_a[f"true/trained/gamma={gamma}"][horizons[0]]["median"] / horizons[0]
+        ax[panel].plot(horizons, [base * H for H in horizons], ":", color="gray",
                        label="linear in H (no explosion)")
         ax[panel].set(xscale="log", yscale="log", xlabel="horizon H",
                       ylabel="||dJ(s0)/dtheta|| per start state",
@@ -148,12 +156,12 @@ def main():
                             "median, 10-90% band")
         ax[panel].legend(fontsize=7)
     for d in DYNAMICS:
-        mean = [summary_b[d][H]["final_mean"] for H in HORIZONS]
-        se = [summary_b[d][H]["final_stderr"] for H in HORIZONS]
-        ax[1].errorbar(HORIZONS, mean, yerr=se, marker="o", capsize=3, color=colors[d], label=f"{d} dynamics")
-        ax[2].plot(HORIZONS, [summary_b[d][H]["median_grad_norm"] for H in HORIZONS], "-o", color=colors[d],
+        mean = [summary_b[d][H]["final_mean"] for H in horizons]
+        se = [summary_b[d][H]["final_stderr"] for H in horizons]
+        ax[1].errorbar(horizons, mean, yerr=se, marker="o", capsize=3, color=colors[d], label=f"{d} dynamics")
+        ax[2].plot(horizons, [summary_b[d][H]["median_grad_norm"] for H in horizons], "-o", color=colors[d],
                    label=f"{d}: median")
-        ax[2].plot(HORIZONS, [summary_b[d][H]["max_grad_norm"] for H in HORIZONS], "--x", color=colors[d],
+        ax[2].plot(horizons, [summary_b[d][H]["max_grad_norm"] for H in horizons], "--x", color=colors[d],
                    label=f"{d}: max")
     ax[1].axhline(-200, color="k", ls="--", lw=1)
     ax[1].set(xscale="log", xlabel="horizon H", ylabel="final eval return (10 episodes)",
@@ -165,7 +173,7 @@ def main():
     fig.tight_layout()
     save_figure(fig, "backprop_horizon_study")
     save_results("backprop_horizon_study", {
-        "horizons": HORIZONS, "seeds": a.seeds, "total_timesteps": a.total_timesteps,
+        "horizons": horizons, "seeds": a.seeds, "total_timesteps": a.total_timesteps,
         "grad_norms_fixed_policy": summary_a, "training": summary_b,
         "runs": {d: {str(H): rs for H, rs in t.items()} for d, t in runs.items()}})
 

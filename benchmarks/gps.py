@@ -10,17 +10,18 @@ PyBullet reacher, ReacherBulletEnv-v0, for 300k steps (mean return 18.06 +-
 9.73); GPS uses 10,000 real steps here. The tasks differ (random targets there,
 4 fixed conditions here), so only the orders of magnitude compare.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.gps --seeds 1 2 3 4 5 6
+Run:
+    python -m benchmarks.gps --quick             # lqr_flm, 1 seed, 3 iterations
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.gps --seeds 1 2 3 4 5 6 --save
     python -m benchmarks.gps --seeds 1 --algorithms lqr_flm
     python -m benchmarks.gps --iterations 20     # past the issue's budget
 
-Writes benchmarks/results/gps.json and benchmarks/plots/gps.png (gps_<N>it.*
-for a budget of N != 10 iterations).
+Writes gps.json and gps.png (gps_<N>it.* for a budget of N != 10 iterations) to
+benchmarks/out/ (with --save: benchmarks/results/ and benchmarks/plots/).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -33,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import gps  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, scratch_dir, timer  # noqa: E402
 
 TARGETS = {"local": 0.02, "global_train": 0.03}
@@ -76,12 +78,12 @@ def run(algorithm: str, seeds: list[int], iterations: int) -> dict:
             "wall_seconds_per_seed": float(np.mean([r["wall_seconds"] for r in runs]))}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--algorithms", nargs="+", default=["mdgps", "lqr_flm"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+def main(argv=None):
+    p = harness.parser("gps", __doc__, seeds=[1, 2, 3],
+                       quick={"algorithms": ["lqr_flm"], "seeds": [1], "iterations": 3})
+    p.add_argument("--algorithms", nargs="+", default=["mdgps", "lqr_flm"], choices=["mdgps", "lqr_flm"])
     p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (10,000 real steps)")
-    a = p.parse_args()
+    a = harness.parse(p, argv)
     defaults = gps.Args()
     it = a.iterations
     steps = it * defaults.steps_per_iteration
@@ -126,7 +128,9 @@ def main():
     axes[0].axhline(TARGETS["local"], color="k", lw=1, ls="-.", label="target local 0.02")
     axes[0].axhline(TARGETS["global_train"], color="gray", lw=1, ls="-.", label="target global 0.03")
     axes[0].set(yscale="log", xlabel="real env steps (training samples)", ylabel="final fingertip distance",
-                title=f"Reacher-v5, {len(a.seeds)} seeds (SAC, rl-zoo: 300k steps on ReacherBullet)")
+                title=f"Reacher-v5: mean of {len(a.seeds)} seeds, band 1 s.e.")
+    axes[0].annotate(f"for scale: SAC (rl-zoo) trains {SAC_REFERENCE['steps'] // 1000}k steps on ReacherBullet",
+                     (0.01, 0.01), xycoords="axes fraction", fontsize=7, color="gray")
     axes[1].set(xlabel="real env steps (training samples)", ylabel="trajectory cost",
                 title="cost per iteration")
     for ax in axes:

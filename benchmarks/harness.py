@@ -1,8 +1,21 @@
-"""Benchmark harness: settings grids, timing, JSON results, plots, README table.
+"""Benchmark harness: the command line, settings grids, timing, JSON results, plots, README table.
 
-Each benchmark script (benchmarks/<algo>.py) runs its paper's setting over
-seeds, then calls `save_results(name, payload)`, which writes
-`benchmarks/results/<name>.json` with the machine, date and git commit added.
+Every benchmark script (benchmarks/<algo>.py) declares its command line here,
+so that all of them behave alike:
+
+    p = harness.parser("me_trpo", __doc__, seeds=[1, 2, 3], quick={"seeds": [1], "iterations": 5})
+    p.add_argument("--iterations", type=int, default=100, help="...")
+    a = harness.parse(p, argv)          # in main(argv=None)
+
+`parser` adds --seeds, --quick, --save and --out; `--help` prints the module
+docstring and exits before anything runs. `--quick` swaps in the `quick`
+values (flags given explicitly still win). Results and plots go to a scratch
+folder, benchmarks/out/ (git-ignored; --out DIR for another), unless `--save`
+is given: then `save_results(name, payload)` writes benchmarks/results/<name>.json
+(with the machine, date and git commit added) and `save_figure(fig, name)`
+benchmarks/plots/<name>.png, the committed files. --quick with --save is
+refused: a quick run never replaces a committed result.
+
 A payload may carry `"headline"`: a list of rows
 
     {"algorithm": ..., "setting": ..., "metric": ..., "ours": ...,
@@ -13,6 +26,7 @@ which `python -m benchmarks.report` gathers into README.md's results table.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import itertools
 import json
@@ -29,6 +43,66 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 PLOTS = ROOT / "plots"
+SCRATCH = ROOT / "out"  # git-ignored
+# Where save_results / save_figure write; parse() sets them (scratch unless --save).
+OUT_RESULTS = SCRATCH
+OUT_PLOTS = SCRATCH
+
+
+def parser(name: str, doc: str | None, *, seeds: list[int] | None = None, quick: dict | None = None,
+           seeds_help: str = "seeds to run, e.g. --seeds 1 2 3") -> argparse.ArgumentParser:
+    """The common command line of `python -m benchmarks.<name>`: the module docstring
+    as its help, --seeds (when `seeds`, the default list, is given), --quick (when
+    `quick`, the flag values of a run of a few minutes, is given), --save and --out.
+    Add the script's own flags to the parser it returns, then call `parse`."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if seeds is not None:
+        p.add_argument("--seeds", nargs="+", type=int, default=list(seeds), help=f"{seeds_help} (default: "
+                       f"{' '.join(map(str, seeds))})")
+    if quick is not None:
+        shown = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+                         for k, v in quick.items())
+        p.add_argument("--quick", action="store_true",
+                       help=f"a small run of a few minutes, to try the script: {shown} (flags given "
+                            "explicitly win); written to the scratch folder only")
+        p.set_defaults(_quick=dict(quick))
+    p.add_argument("--save", action="store_true",
+                   help="write the committed benchmarks/results/*.json and benchmarks/plots/*.png (default: "
+                        "the scratch folder --out)")
+    p.add_argument("--out", type=Path, default=SCRATCH,
+                   help="scratch folder for results and plots without --save (default: benchmarks/out/)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (`argv`, default sys.argv[1:]), apply --quick and
+    point save_results / save_figure at the scratch folder or, with --save, at
+    benchmarks/results/ and benchmarks/plots/."""
+    global OUT_RESULTS, OUT_PLOTS
+    a = p.parse_args(argv)
+    quick = vars(a).pop("_quick", None)
+    if getattr(a, "quick", False):
+        unknown = sorted(set(quick) - set(vars(a)))
+        if unknown:
+            raise ValueError(f"quick settings for flags the parser lacks: {unknown}")
+        p.set_defaults(**quick)  # defaults only: the flags given explicitly still win
+        a = p.parse_args(argv)
+        vars(a).pop("_quick", None)
+        if a.save:
+            p.error("--quick results are not saved over the committed ones; drop --save (or --quick)")
+    OUT_RESULTS, OUT_PLOTS = (RESULTS, PLOTS) if a.save else (a.out, a.out)
+    where = "benchmarks/results/ and benchmarks/plots/" if a.save else f"{_shown(a.out)} (scratch; --save " \
+        "writes benchmarks/results/)"
+    print(f"results go to {where}", flush=True)
+    return a
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT.parent))
+    except ValueError:
+        return str(path)
 
 
 def grid(**axes) -> list[dict]:
@@ -90,8 +164,9 @@ def git_commit() -> str | None:
 
 
 def save_results(name: str, payload: dict) -> Path:
-    """Write benchmarks/results/<name>.json with machine, date and commit added."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write <name>.json, with machine, date and commit added, to the scratch folder
+    or, after `parse` saw --save, to benchmarks/results/."""
+    OUT_RESULTS.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -99,17 +174,22 @@ def save_results(name: str, payload: dict) -> Path:
         "machine": machine(),
         **payload,
     }
-    path = RESULTS / f"{name}.json"
+    path = OUT_RESULTS / f"{name}.json"
     path.write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {_shown(path)}", flush=True)
     return path
 
 
 def load_results(name: str) -> dict:
-    return json.loads((RESULTS / f"{name}.json").read_text())
+    """The record <name>.json where save_results writes now if it is there (a
+    scratch run's own result), else the committed one in benchmarks/results/."""
+    path = OUT_RESULTS / f"{name}.json"
+    return json.loads((path if path.exists() else RESULTS / f"{name}.json").read_text())
 
 
 def _jsonable(x):
+    if isinstance(x, Path):
+        return str(x)
     if isinstance(x, np.ndarray | np.generic):
         return x.tolist()
     if hasattr(x, "__array__"):
@@ -140,8 +220,9 @@ def plot_curve(ax, x, runs, label: str, **kwargs):
 
 
 def save_figure(fig, name: str) -> Path:
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    path = PLOTS / f"{name}.png"
+    """Write <name>.png to the scratch folder or, after --save, to benchmarks/plots/."""
+    OUT_PLOTS.mkdir(parents=True, exist_ok=True)
+    path = OUT_PLOTS / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    print(f"wrote {path}")
+    print(f"wrote {_shown(path)}", flush=True)
     return path

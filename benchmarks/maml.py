@@ -8,14 +8,15 @@ the mean return before adaptation and after 1, 2, 3 policy-gradient steps
 (step size alpha, then alpha / 2, as in the authors' test script).
 
 Run:
-    python -m benchmarks.maml                          # 2-D navigation, 3 seeds
+    python -m benchmarks.maml --quick                  # 1 seed, 3 small meta-iterations
+    python -m benchmarks.maml --save                   # 2-D navigation, 3 seeds, 100 meta-iterations
     python -m benchmarks.maml --iterations 20 --seeds 1
-Writes benchmarks/results/maml_<env>.json and benchmarks/plots/maml_<env>.png.
+Writes maml_<env>.json and maml_<env>.png to benchmarks/out/ (with --save:
+benchmarks/results/ and benchmarks/plots/).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -28,10 +29,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import maml  # noqa: E402
-from benchmarks.harness import load_results, mean_and_stderr, save_figure, save_results  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import load_results, mean_and_stderr, save_figure, save_results, scratch_dir  # noqa: E402
 
 
-def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: int, estimator: str,
+def run(env_id: str, seeds: list[int], iterations: int, meta_batch: int, test_tasks: int, estimator: str,
         on_seed=None, trajectories: int = 20):
     base = maml.Args(env_id=env_id, meta_batch=meta_batch, eval_episodes=test_tasks, estimator=estimator,
                      trajectories_per_task=trajectories)
@@ -40,7 +42,7 @@ def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: i
     per_iter = maml.steps_per_iteration(dataclasses.replace(base, inner_steps=0), dims)  # one batch per task
     curves = {"MAML": [], "pretrained": [], "random init": []}
     walls = {"MAML": [], "pretrained": []}
-    for seed in range(1, seeds + 1):
+    for seed in seeds:
         for name, inner in (("MAML", 1), ("pretrained", 0)):
             args = maml.Args(env_id=env_id, seed=seed, meta_batch=meta_batch, eval_episodes=test_tasks,
                              trajectories_per_task=trajectories,
@@ -48,7 +50,8 @@ def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: i
                              total_timesteps=iterations * per_iter * (inner + 1),
                              eval_interval=iterations * per_iter * (inner + 1), exp_name=f"bench_{name}")
             start = time.time()
-            out = maml.main(args)
+            with scratch_dir():  # the run folders stay out of the repository
+                out = maml.main(args)
             walls[name].append(time.time() - start)
             curves[name].append(maml.meta_test(out["theta"], tasks, jax.random.PRNGKey(seed), test_phases,
                                                test_args, 3))
@@ -61,10 +64,11 @@ def run(env_id: str, seeds: int, iterations: int, meta_batch: int, test_tasks: i
     return {k: np.array(v) for k, v in curves.items()}, walls
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    parser = harness.parser("maml", __doc__, seeds=[1, 2, 3],
+                            quick={"seeds": [1], "iterations": 3, "meta_batch": 5, "test_tasks": 5,
+                                   "trajectories": 5})
     parser.add_argument("--env-id", default="PointNav2D-v0")
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--iterations", type=int, default=100, help="meta-iterations (authors' 2-D code: 100)")
     parser.add_argument("--meta-batch", type=int, default=20)
     parser.add_argument("--test-tasks", type=int, default=40)
@@ -74,7 +78,7 @@ def main():
     parser.add_argument("--baseline-lrs", type=float, nargs="+",
                         help="only the baselines: meta-test the pretrained and random-init policies with each of "
                              "these first-step sizes (then half), to give them a tuned step size")
-    a = parser.parse_args()
+    a = harness.parse(parser, argv)
     if a.baseline_lrs:
         return baselines_with_step_sizes(a)
     if a.replot:
@@ -93,11 +97,13 @@ def baselines_with_step_sizes(a):
     tasks = env.sample_tasks(jax.random.PRNGKey(12345), a.test_tasks)
     per_iter = maml.steps_per_iteration(dataclasses.replace(base, inner_steps=0), dims)
     curves = {f"{name}, alpha {lr}": [] for name in ("pretrained", "random init") for lr in a.baseline_lrs}
-    for seed in range(1, a.seeds + 1):
+    for seed in a.seeds:
         args = maml.Args(env_id=a.env_id, seed=seed, meta_batch=a.meta_batch, eval_episodes=a.test_tasks,
                          trajectories_per_task=a.trajectories, inner_steps=0, exp_name="bench_pretrained",
                          total_timesteps=a.iterations * per_iter, eval_interval=a.iterations * per_iter)
-        thetas = {"pretrained": maml.main(args)["theta"],
+        with scratch_dir():
+            pretrained = maml.main(args)["theta"]
+        thetas = {"pretrained": pretrained,
                   "random init": policy.init(jax.random.PRNGKey(seed), jnp.zeros(dims.obs_dim))}
         for name, theta in thetas.items():
             for lr in a.baseline_lrs:
@@ -133,7 +139,7 @@ def plot(table, env_id, seeds, test_tasks, floor=-100.0):
                 ax.annotate(f"{m:.0f}" if np.isfinite(m) else "diverged (NaN)", (x, floor), textcoords="offset points",
                             xytext=(4, 6), fontsize=7, color=line.get_color())
     ax.set(xlabel="number of gradient steps", ylabel="average return", xticks=steps, ylim=(floor - 3, 0),
-           title=f"MAML meta-test, {env_id} ({seeds} seeds, {test_tasks} new tasks)")
+           title=f"MAML meta-test, {env_id}\n(mean of {seeds} seeds, band 1 s.e.; {test_tasks} new tasks)")
     ax.legend(fontsize=8)
     return fig
 

@@ -6,11 +6,14 @@ that env (algos/mbpo.py PAPER_CONFIGS) and its step budget, as its own process
 evaluation curve is read from the run's metrics.jsonl, so a run stopped by
 `--max-minutes` still contributes the part it finished (marked partial).
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo --envs InvertedPendulum-v5 --seeds 1 2 3
-    python -m benchmarks.mbpo --envs Hopper-v5 --seeds 1 --max-minutes 60
+Run:
+    python -m benchmarks.mbpo --quick             # InvertedPendulum, 1 seed, 1500 steps, at most 4 minutes
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo --envs InvertedPendulum-v5 --seeds 1 2 3 --save
+    python -m benchmarks.mbpo --envs Hopper-v5 --seeds 1 --max-minutes 60 --tag hopper
     python -m benchmarks.mbpo --parallel 5        # the whole suite, e.g. on a GPU machine (jax[cuda])
 
-Writes benchmarks/results/mbpo.json (or mbpo_<tag>.json) and benchmarks/plots/mbpo*.png.
+Writes mbpo.json (or mbpo_<tag>.json) and mbpo*.png to benchmarks/out/ (with
+--save: benchmarks/results/ and benchmarks/plots/).
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos.mbpo import PAPER_CONFIGS  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Published return at the paper's budget (Fig. 2 of the paper; see ../shared/REFERENCE.md:
+# Published return at the paper's budget (Fig. 2 of the paper; see docs/mbpo.md:
 # InvertedPendulum, Hopper and Walker2d were reproduced by third parties, the others are
 # read from the plot and unverified).
 PUBLISHED = {
@@ -66,16 +71,16 @@ def read_curve(workdir: Path) -> dict:
             "wall_seconds": [r["time"] for r in rows]}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--envs", nargs="+", default=list(PAPER_CONFIGS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+def main(argv=None):
+    p = harness.parser("mbpo", __doc__, seeds=[1, 2, 3],
+                       quick={"envs": ["InvertedPendulum-v5"], "seeds": [1], "steps": 1500, "max_minutes": 4})
+    p.add_argument("--envs", nargs="+", default=list(PAPER_CONFIGS), choices=list(PAPER_CONFIGS))
     p.add_argument("--steps", type=int, default=None, help="override every env's paper budget")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--max-minutes", type=float, default=None, help="stop each run after this long (partial)")
     p.add_argument("--tag", default="", help="results name suffix: mbpo_<tag>.json")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for algos.mbpo")
-    a = p.parse_args()
+    a = harness.parse(p, argv)
 
     jobs = [(env_id, seed) for env_id in a.envs for seed in a.seeds]
     tmp = Path(tempfile.mkdtemp(prefix="mbpo_bench_"))
@@ -114,9 +119,10 @@ def main():
         if n > 0:
             x = np.asarray(runs[0]["steps"][:n])
             curves = np.asarray([r["eval_return"][:n] for r in runs])
-            plot_curve(ax, x, curves, f"ours ({len(runs)} seeds)")
-            for r in runs:
-                ax.plot(r["steps"], r["eval_return"], lw=0.6, alpha=0.5, color="C0")
+            plot_curve(ax, x, curves, f"ours: mean of {len(runs)} seeds, band 1 s.e.")
+            for i, r in enumerate(runs):
+                ax.plot(r["steps"], r["eval_return"], lw=0.6, alpha=0.5, color="C0",
+                        label="ours: each seed" if i == 0 else None)
             finals = curves[:, -1]
             wall = float(np.mean([r["wall_seconds"][n - 1] for r in runs]))
             summary.update(final_step=int(x[-1]), **final_mean_std(finals), wall_seconds_mean=wall)
@@ -132,6 +138,8 @@ def main():
             ax.axhline(published, ls="--", color="k", lw=1, label=f"paper at {runs[0]['budget'] // 1000}k")
         ax.set_title(env_id)
         ax.set_xlabel("env steps")
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(5))
         ax.set_ylabel("eval return")
         ax.legend(fontsize=8)
         results[env_id] = summary

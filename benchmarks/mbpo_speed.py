@@ -30,15 +30,16 @@ seconds and process CPU seconds per 1000 env steps, split into model training,
 model rollouts and SAC updates; evaluation is excluded on both sides. Also: our
 SAC updates per second against the CPU's measured float32 matmul throughput.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo_speed --ours-delay 120  # builds .peers/mbrl-venv if missing
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo_speed --ours-delay 60 --sac-hidden 256  # variant
+Run:
+    python -m benchmarks.mbpo_speed --quick   # ours alone (no mbrl-lib), one window of 250 steps
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo_speed --ours-delay 120 --save  # builds .peers/mbrl-venv
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.mbpo_speed --ours-delay 60 --sac-hidden 256 --save  # variant
 
-Writes benchmarks/results/mbpo_speed.json.
+Writes mbpo_speed.json to benchmarks/out/ (with --save: benchmarks/results/).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -50,7 +51,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from benchmarks.harness import RESULTS, load_results, save_results
+from benchmarks import harness
+from benchmarks.harness import load_results, save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".peers" / "mbrl-venv"
@@ -109,7 +111,7 @@ def step(*a, **k):
 common.step_env_and_add_to_buffer = step
 with hydra.initialize_config_dir(config_dir=conf_dir, version_base="1.1"):
     cfg = hydra.compose("main", overrides=["algorithm=mbpo", "overrides=mbpo_halfcheetah",
-        "overrides.env=gym___HalfCheetah-v4", "device=cpu", "seed=1",
+        "overrides.env=gym___HalfCheetah-v4", "device=cpu",
         "+algorithm.agent._recursive_=false", "+dynamics_model._recursive_=false", *sys.argv[6:]])
 env, term_fn, reward_fn = mbrl.util.env.EnvHandler.make_env(cfg)
 test_env, *_ = mbrl.util.env.EnvHandler.make_env(cfg)
@@ -152,7 +154,8 @@ mbpo.main(tyro.cli(mbpo.Args, args=sys.argv[1:]))
 
 
 def build_venv() -> Path:
-    """The recipe of ../shared/PEERS.md, in .peers/ (gitignored)."""
+    """mbrl-lib 0.2.0 and the versions it needs (torch 2.13 CPU, gymnasium 0.26.3, mujoco 2.3.7, numpy < 2,
+    hydra-core 1.3.2), in .peers/ (gitignored)."""
     py = VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -175,7 +178,7 @@ def mbrl_conf_dir(py: Path) -> str:
     return str(dst)
 
 
-def run_mbrl(threads: int, window: int, hidden: int) -> dict:
+def run_mbrl(threads: int, window: int, hidden: int, seed: int = 1) -> dict:
     py = build_venv()
     out = Path(tempfile.mkdtemp(prefix="mbrl_speed_")) / "timings.json"
     driver = out.parent / "driver.py"
@@ -184,7 +187,7 @@ def run_mbrl(threads: int, window: int, hidden: int) -> dict:
                OPENBLAS_NUM_THREADS=str(threads))
     # mbrl-lib's loop fits first after 5000 + 250 steps; its second fit sees 5500 rows.
     subprocess.run([str(py), str(driver), str(threads), str(window), "1", str(out), mbrl_conf_dir(py),
-                    f"overrides.sac_hidden_size={hidden}"], env=env,
+                    f"overrides.sac_hidden_size={hidden}", f"seed={seed}"], env=env,
                    check=True, cwd=out.parent)
     return json.loads(out.read_text())
 
@@ -197,7 +200,7 @@ OURS_FLAGS = ["--env-id", "HalfCheetah-v4", "--random-steps", str(RANDOM_STEPS),
               "--model-train-freq", str(FIT_EVERY), "--eval-interval", str(FIT_EVERY), "--eval-episodes", "1"]
 
 
-def run_ours(threads: int, window: int, hidden: int, mbrl_done: threading.Event | None = None,
+def run_ours(threads: int, window: int, hidden: int, seed: int = 1, mbrl_done: threading.Event | None = None,
              mbrl_span: list | None = None, max_windows: int = 12) -> dict:
     """Ours in a subprocess (XLA's thread count is fixed at start), read from the
     cumulative `time/*` and `cpu/*` metrics logged every 250 steps. Its windows
@@ -216,7 +219,7 @@ def run_ours(threads: int, window: int, hidden: int, mbrl_done: threading.Event 
     read_rows = lambda: [json.loads(line) for line in next(tmp.glob("runs/*/metrics.jsonl")).read_text().splitlines()]
     with open(tmp / "stdout.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "driver.py", *OURS_FLAGS, "--hidden", str(hidden),
-                                 "--total-timesteps", str(end)], cwd=tmp, env=env, stdout=log)
+                                 "--seed", str(seed), "--total-timesteps", str(end)], cwd=tmp, env=env, stdout=log)
         while proc.poll() is None:
             time.sleep(2)
             if mbrl_done is not None and mbrl_done.is_set():
@@ -345,8 +348,9 @@ def resummarize() -> None:
     save_results("mbpo_speed", {**record, "headline": headline})
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    p = harness.parser("mbpo_speed", __doc__, seeds=[1], quick={"skip_mbrl": True},
+                       seeds_help="the seed of both sides (one seed: the speed is measured once)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--window", type=int, default=250, help="env steps measured after learning starts")
     p.add_argument("--skip-mbrl", action="store_true")
@@ -358,7 +362,9 @@ def main():
                         "inside the existing mbpo_speed.json)")
     p.add_argument("--resummarize", action="store_true",
                    help="only recompute the ratios and headline rows of benchmarks/results/mbpo_speed.json")
-    a = p.parse_args()
+    a = harness.parse(p, argv)
+    if len(a.seeds) != 1:
+        p.error("--seeds: the speed is measured with one seed")
     if a.resummarize:
         return resummarize()
 
@@ -378,9 +384,9 @@ def main():
             if name == "ours":
                 time.sleep(a.ours_delay)
                 extra = {} if a.skip_mbrl else {"mbrl_done": mbrl_done, "mbrl_span": mbrl_span}
-                results[name] = fn(a.threads, a.window, a.sac_hidden, **extra)
+                results[name] = fn(a.threads, a.window, a.sac_hidden, a.seeds[0], **extra)
             else:
-                results[name] = fn(a.threads, a.window, a.sac_hidden)
+                results[name] = fn(a.threads, a.window, a.sac_hidden, a.seeds[0])
                 mbrl_span.extend(results[name]["window_unix"])
             print(f"{name}:", {k: v for k, v in results[name].items() if k not in ("config", "all_windows")},
                   flush=True)
@@ -417,7 +423,7 @@ def main():
                   f"SAC 2x{a.sac_hidden}, batch 256, lr 3e-4, 10 updates/step, real_data_ratio 0, target entropy -1",
         "sac_hidden": a.sac_hidden, "ours_flags": [*OURS_FLAGS, "--hidden", str(a.sac_hidden)],
         "mbrl_overrides": "algorithm=mbpo overrides=mbpo_halfcheetah overrides.env=gym___HalfCheetah-v4 "
-                          f"device=cpu seed=1 overrides.sac_hidden_size={a.sac_hidden}",
+                          f"device=cpu seed={a.seeds[0]} overrides.sac_hidden_size={a.sac_hidden}",
         "threads": a.threads, "window_steps": a.window, "ours_delay_seconds": a.ours_delay,
         "run_wall_seconds": time.time() - t0,
         "ours_seconds_per_1000_steps": per1000(ours), "ours_raw": ours,
@@ -442,7 +448,7 @@ def main():
     }
     headline = summarize(result) if theirs else []
     if a.sac_hidden == 512:  # the main record; variants already stored are kept
-        old = load_results("mbpo_speed") if (RESULTS / "mbpo_speed.json").exists() else {}
+        old = load_results("mbpo_speed") if (harness.RESULTS / "mbpo_speed.json").exists() else {}
         extra = {"variants": old["variants"]} if "variants" in old else {}
         headline += [r for r in old.get("headline", []) if "SAC 2x" in r["setting"]]
         save_results("mbpo_speed", {**result, **extra, "headline": headline})

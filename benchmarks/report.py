@@ -4,11 +4,14 @@ Every result file may hold a "headline" list (see benchmarks/harness.py).
 This script writes them as one markdown table between the markers
 `<!-- results:start -->` and `<!-- results:end -->` in README.md.
 
-Run: python -m benchmarks.report
+Run:
+    python -m benchmarks.report            # rewrite README.md's table
+    python -m benchmarks.report --print    # only print it
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -46,5 +49,16 @@ def update_readme(readme: Path = ROOT / "README.md") -> None:
     print(f"updated {readme.relative_to(ROOT)}")
 
 
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--print", action="store_true", help="print the table instead of writing README.md")
+    a = p.parse_args(argv)
+    if a.print:
+        print(results_table())
+    else:
+        update_readme()
+
+
 if __name__ == "__main__":
-    update_readme()
+    main()

@@ -11,15 +11,17 @@ it and hand-written baselines on the *same* newly sampled tasks:
 
 The metric is the mean total reward per trial, with standard errors: over
 trials for the baselines, over seeds for RL² (each seed's mean over the same
-trials). Results go to benchmarks/results/rl2.json, plots to benchmarks/plots/.
+trials). Results (rl2_<setting>.json) and plots (rl2_<setting>.png) go to
+benchmarks/out/ (with --save: benchmarks/results/ and benchmarks/plots/).
 
-    python -m benchmarks.rl2                       # the default settings
-    python -m benchmarks.rl2 --settings bandit-5-10 mdp-10 --seeds 3
+Run:
+    python -m benchmarks.rl2 --quick               # bandit-5-10, 1 seed, 5 % of the training steps
+    python -m benchmarks.rl2 --save                # the default settings
+    python -m benchmarks.rl2 --settings bandit-5-10 mdp-10 --seeds 1 2 3
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -30,7 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.harness import mean_and_stderr, save_figure, save_results  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import mean_and_stderr, save_figure, save_results, scratch_dir  # noqa: E402
 
 # --------------------------------------------------------------------------
 # Bandit baselines. A history is (counts (k,), successes (k,)); t pulls so far.
@@ -182,7 +185,7 @@ def mdp_baselines(env, tasks, n: int, key):
 # The benchmark
 # --------------------------------------------------------------------------
 # Duan et al. (2016), Tables 1 and 2, mean total reward per trial, as we
-# transcribed them (../shared/REFERENCE.md lists them as unverified).
+# transcribed them (unverified against the paper's PDF; see docs/rl2.md).
 DUAN = {
     "bandit-5-10": {"random": 5.0, "gittins": 6.6, "thompson": 5.7, "ucb1": 6.7, "epsilon-greedy": 6.6,
                     "greedy": 6.6, "rl2": 6.7},
@@ -221,7 +224,7 @@ SETTINGS = {
 }
 
 
-def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> dict:
+def run_setting(name: str, seeds: list[int], eval_trials: int, scale: float = 1.0) -> dict:
     """Train RL² (seeds vmapped in one program), then evaluate it and the
     baselines on the same eval_trials new tasks."""
     from algos.rl2 import Args, dims_of, evaluate, main, make_task_family, steps_per_update, updates_per_eval
@@ -229,15 +232,17 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
     env_id, n, flags = SETTINGS[name]
     flags = dict(flags)
     flags["total_timesteps"] = int(flags["total_timesteps"] * scale)
+    flags["eval_interval"] = int(flags["eval_interval"] * min(scale, 1.0))  # the same number of evaluations
     # One training program per seed, run one after another. (vmapping the
     # seeds in one program, --num-seeds, hung in XLA:CPU on this machine at
     # meta-batch 256 x 256 units; smaller programs are fine.)
     runs, walls = [], []
-    for s in range(seeds):
-        args = Args(env_id=env_id, episodes_per_trial=n, num_seeds=1, seed=s + 1, exp_name=f"bench-{name}",
+    for seed in seeds:
+        args = Args(env_id=env_id, episodes_per_trial=n, num_seeds=1, seed=seed, exp_name=f"bench-{name}",
                     eval_episodes=200, **flags)
         start = time.time()
-        runs.append(main(args))  # prints progress; the wall time includes compilation
+        with scratch_dir():  # the run folders stay out of the repository
+            runs.append(main(args))  # prints progress; the wall time includes compilation
         walls.append(time.time() - start)
     out = {"params": jax.tree.map(lambda *x: np.concatenate(x), *[r["params"] for r in runs]),
            "evals": np.concatenate([r["evals"] for r in runs], axis=1)}
@@ -251,7 +256,7 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
     dims = dims_of(family)
     eval_args = dataclasses.replace(args, eval_episodes=eval_trials)
     per_seed = []
-    for s in range(seeds):
+    for s in range(len(seeds)):
         params = jax.tree.map(lambda x, s=s: x[s], out["params"])
         per_seed.append(np.asarray(jax.jit(lambda p: evaluate(p, family, key, eval_args, dims))(params)))
     rl2 = np.stack(per_seed)  # (seeds, trials, n) reward of each episode
@@ -267,12 +272,12 @@ def run_setting(name: str, seeds: int, eval_trials: int, scale: float = 1.0) -> 
         table[algo] = {"mean": float(m), "stderr": float(se), "over": f"{eval_trials} trials"}
     seed_means = rl2.sum(-1).mean(1)
     m, se = mean_and_stderr(seed_means)
-    table["rl2"] = {"mean": float(m), "stderr": float(se), "over": f"{seeds} seeds x {eval_trials} trials",
+    table["rl2"] = {"mean": float(m), "stderr": float(se), "over": f"{len(seeds)} seeds x {eval_trials} trials",
                     "per_seed": seed_means.tolist()}
     evals = out["evals"]  # (num_evals + 1, seeds, 200, n) during training
     steps = np.arange(evals.shape[0]) * updates_per_eval(args, dims) * steps_per_update(args, dims)
     return {
-        "setting": name, "env_id": env_id, "n": n, "rl2_flags": flags, "seeds": seeds,
+        "setting": name, "env_id": env_id, "n": n, "rl2_flags": flags, "seeds": len(seeds), "seed_list": seeds,
         "train_wall_seconds": train_wall, "train_wall_seconds_per_seed": walls,
         "table": table, "tuned_baselines": tuned, "duan": DUAN.get(name),
         "curve": {"env_steps": steps, "eval_trial_reward": evals.sum(-1).mean(-1)},  # (evals, seeds)
@@ -289,10 +294,10 @@ def plot_setting(res: dict) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.asarray(res["curve"]["env_steps"])
-    plot_curve(ax, x, np.asarray(res["curve"]["eval_trial_reward"]).T, "RL² (ours)", color="k")
+    plot_curve(ax, x, np.asarray(res["curve"]["eval_trial_reward"]).T, "RL² (ours): mean over seeds", color="k")
     for i, (algo, row) in enumerate(res["table"].items()):
         if algo != "rl2":
-            ax.axhline(row["mean"], ls="--", lw=1, color=f"C{i}", label=algo)
+            ax.axhline(row["mean"], ls="--", lw=1, color=f"C{i}", label=f"{algo} (ours, same tasks)")
     ax.set_xlabel("env steps of meta-training (per seed)")
     ax.set_ylabel("total reward per trial")
     ax.set_title(f"RL², {res['setting']} ({res['seeds']} seeds, band: 1 s.e.)")
@@ -335,15 +340,15 @@ def markdown_tables() -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> None:
+    parser = harness.parser("rl2", __doc__, seeds=[1, 2, 3],
+                            quick={"settings": ["bandit-5-10"], "seeds": [1], "scale": 0.05, "eval_trials": 200})
     parser.add_argument("--settings", nargs="+", default=["bandit-5-10", "mdp-10", "bandit-10-100"],
                         choices=list(SETTINGS))
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-trials", type=int, default=2000)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the training steps")
     parser.add_argument("--report", action="store_true", help="only print the markdown tables of saved results")
-    a = parser.parse_args()
+    a = harness.parse(parser, argv)
     if a.report:
         print(markdown_tables())
         return

@@ -3,7 +3,9 @@
     if __name__ == "__main__":
         cli(Args, main)
 
-`cli` parses the flags into the script's frozen `Args`, runs the shared checks
+`cli` parses the flags into the script's frozen `Args` (`--help` shows
+`python -m algos.<name>`, the docstring's first paragraph and the commands of
+its `Run:` block: `help_text`), runs the shared checks
 (common/checks.py: check_common), replaces the arguments with the saved ones
 when `--resume RUN_DIR` is given, and calls `main(args)`. No user input ends in
 a traceback: parser errors, bad values and divergence end with one line on
@@ -57,6 +59,33 @@ def _default(field):
     return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
 
 
+def help_text(doc: str | None, name: str | None = None) -> str | None:
+    """The description `--help` shows: the first paragraph of a module docstring,
+    then the commands of its `Run:` block (indented lines up to the next blank
+    line) as examples, then where the rest is."""
+    if not doc:
+        return None
+    lines = doc.strip().splitlines()
+    first = " ".join(line.strip() for line in lines[: next((i for i, x in enumerate(lines) if not x.strip()),
+                                                             len(lines))])
+    examples, inside = [], False
+    for line in lines:
+        if line.strip() == "Run:":
+            inside = True
+        elif inside and not line.strip():
+            break
+        elif inside:
+            examples.append("    " + line.strip())
+    out = [first]
+    if examples:
+        out += ["", "Examples:", *examples]
+    if name and name.startswith("algos."):
+        stem = name.split(".", 1)[1]
+        out += ["", f"The paper, what is left out and the algorithm step by step: algos/{stem}.py's docstring;",
+                f"equations, implementation details and results against the paper: docs/{stem}.md."]
+    return "\n".join(out)
+
+
 def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = None):
     """Parse the command line into `args_cls` and run `main(args)`, so that no user
     input ends in a traceback: parser errors, bad values (check_common and the
@@ -69,7 +98,8 @@ def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = Non
     captured = io.StringIO()
     try:
         with redirect_stdout(captured), redirect_stderr(captured):
-            args = tyro.cli(args_cls, args=argv, prog=prog, description=getattr(module, "__doc__", None))
+            args = tyro.cli(args_cls, args=argv, prog=prog,
+                            description=help_text(getattr(module, "__doc__", None), name))
     except SystemExit as e:
         if e.code in (0, None):  # --help
             sys.stdout.write(captured.getvalue())

@@ -11,7 +11,7 @@ PyBullet reacher, ReacherBulletEnv-v0, for 300k steps (mean return 18.06 +-
 4 fixed conditions here), so only the orders of magnitude compare.
 
 Run:
-    python -m benchmarks.gps --quick             # lqr_flm, 1 seed, 3 iterations
+    python -m benchmarks.gps --quick             # both algorithms, 1 seed, 5 iterations
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.gps --seeds 1 2 3 4 5 6 --save
     python -m benchmarks.gps --seeds 1 --algorithms lqr_flm
     python -m benchmarks.gps --iterations 20     # past the budget
@@ -80,7 +80,7 @@ def run(algorithm: str, seeds: list[int], iterations: int) -> dict:
 
 def main(argv=None):
     p = harness.parser("gps", __doc__, seeds=[1, 2, 3],
-                       quick={"algorithms": ["lqr_flm"], "seeds": [1], "iterations": 3})
+                       quick={"seeds": [1], "iterations": 5})
     p.add_argument("--algorithms", nargs="+", default=["mdgps", "lqr_flm"], choices=["mdgps", "lqr_flm"])
     p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (10,000 real steps)")
     a = harness.parse(p, argv)

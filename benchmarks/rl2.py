@@ -15,7 +15,7 @@ trials). Results (rl2_<setting>.json) and plots (rl2_<setting>.png) go to
 benchmarks/out/ (with --save: benchmarks/results/ and benchmarks/plots/).
 
 Run:
-    python -m benchmarks.rl2 --quick               # bandit-5-10, 1 seed, 5 % of the training steps
+    python -m benchmarks.rl2 --quick               # bandit-5-10, 1 seed, a quarter of the training: ~1 min
     python -m benchmarks.rl2 --save                # the default settings
     python -m benchmarks.rl2 --settings bandit-5-10 mdp-10 --seeds 1 2 3
 """
@@ -342,7 +342,7 @@ def markdown_tables() -> str:
 
 def main(argv=None) -> None:
     parser = harness.parser("rl2", __doc__, seeds=[1, 2, 3],
-                            quick={"settings": ["bandit-5-10"], "seeds": [1], "scale": 0.05, "eval_trials": 200})
+                            quick={"settings": ["bandit-5-10"], "seeds": [1], "scale": 0.25, "eval_trials": 200})
     parser.add_argument("--settings", nargs="+", default=["bandit-5-10", "mdp-10", "bandit-10-100"],
                         choices=list(SETTINGS))
     parser.add_argument("--eval-trials", type=int, default=2000)

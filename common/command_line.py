@@ -24,6 +24,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import mujoco
 import tyro
 
 from common.checks import check_common, fail, flag
@@ -86,6 +87,18 @@ def help_text(doc: str | None, name: str | None = None) -> str | None:
     return "\n".join(out)
 
 
+def mujoco_log_to(folder: str | Path) -> Path:
+    """Send MuJoCo's own log (its compiler's deprecation warnings, e.g. for
+    HalfCheetah's `settotalmass`) to folder/MUJOCO_LOG.TXT instead of the
+    working directory's MUJOCO_LOG.TXT; the folder is created."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = mujoco.MjLogConfig.get()
+    config.logfile = str(folder / "MUJOCO_LOG.TXT")
+    config.set()
+    return folder / "MUJOCO_LOG.TXT"
+
+
 def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = None):
     """Parse the command line into `args_cls` and run `main(args)`, so that no user
     input ends in a traceback: parser errors, bad values (check_common and the
@@ -109,6 +122,7 @@ def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = Non
     check_common(args)
     if args.resume:
         args = resume_args(args)
+    mujoco_log_to(args.resume or "runs")  # beside the run directories, not in the working directory
     try:
         return main(args)
     except SystemExit:

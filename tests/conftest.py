@@ -1,14 +1,32 @@
 """Test settings: one BLAS thread and a persistent JAX compilation cache, so
-repeated runs (and CI) do not recompile the same programs."""
+repeated runs (and CI) do not recompile the same programs; MuJoCo's log goes to
+a temporary folder, not to MUJOCO_LOG.TXT in the repository."""
 
 import os
+import re
+import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jax-compilation-cache"))
 jax.config.update("jax_compilation_cache_dir", cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from common.command_line import mujoco_log_to  # noqa: E402
+
+mujoco_log_to(tempfile.mkdtemp(prefix="mujoco_log_"))
+
+# Tests that train for several seconds: the it-learns tests, kill -9 + resume, smoke
+# runs through the real entry point and the one-file copies. `-m "not slow"` leaves them out.
+SLOW = re.compile(r"it_learns|rl2_learns|kill|cli_smoke|reproduces|one_file_and_common_run_alone")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW.search(item.name):
+            item.add_marker(pytest.mark.slow)

@@ -6,9 +6,11 @@ import importlib
 import io
 from pathlib import Path
 
+import gymnasium
+import mujoco
 import pytest
 
-from common.command_line import cli, help_text
+from common.command_line import cli, help_text, mujoco_log_to
 
 ALGOS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "algos").glob("*.py") if p.stem != "__init__")
 
@@ -52,3 +54,27 @@ def test_every_algorithms_help_shows_its_program_summary_and_examples(name):
     examples = text.split("Examples:", 1)[1].split("\n\n")[0].splitlines()[1:]
     assert len(examples) >= 2 and all(e.strip().startswith(f"python -m algos.{name}") for e in examples)
     assert "Algorithm (" not in text  # the long docstring stays in the file
+
+
+@pytest.fixture
+def restore_mujoco_log():
+    old = mujoco.MjLogConfig.get()
+    yield
+    old.set()
+
+
+def test_mujoco_log_goes_to_the_given_folder_not_the_working_directory(tmp_path, monkeypatch, restore_mujoco_log):
+    monkeypatch.chdir(tmp_path)
+    path = mujoco_log_to(tmp_path / "logs")
+    xml = Path(gymnasium.__file__).parent / "envs" / "mujoco" / "assets" / "half_cheetah.xml"
+    mujoco.MjModel.from_xml_path(str(xml))  # its compiler warns that settotalmass is deprecated
+    assert path == tmp_path / "logs" / "MUJOCO_LOG.TXT" and "settotalmass" in path.read_text()
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
+def test_cli_sends_mujocos_log_beside_the_runs(tmp_path, monkeypatch, restore_mujoco_log):
+    from algos import dyna_q
+
+    monkeypatch.chdir(tmp_path)
+    seen = cli(dyna_q.Args, lambda args: mujoco.MjLogConfig.get().logfile, argv=[])
+    assert Path(seen) == Path("runs") / "MUJOCO_LOG.TXT" and (tmp_path / "runs").is_dir()

@@ -23,6 +23,16 @@ training stops after `patience` epochs with no member improving, the best
 parameters are restored, and the `num_elites` members with the lowest holdout
 MSE become the elites. Each epoch is one jitted call.
 
+ME-TRPO's deterministic, shared-data mode (Kurutach et al. 2018; thanard/me-trpo
+`model_based_rl.py`, `optimize_models`) changes four things through the config:
+bootstrap=False (every member trains on all training rows, the authors'
+`use_same_dataset`), an explicit validation set passed to `train` (the authors
+split by trajectory order, not at random), improvement=0 with score_start (a
+member's best is any strictly lower validation loss, and the weights before
+training count), and eval_every (validation every few passes). ReLU members
+(activation="relu") and a floor on the normaliser's std (std_floor) match their
+networks and running statistics.
+
 `sample` draws a next target for every row: a uniformly random elite per row,
 then a draw from that elite's Gaussian.
 
@@ -61,8 +71,15 @@ class EnsembleConfig(NamedTuple):
     batch_size: int = 256
     holdout_ratio: float = 0.2
     max_holdout: int = 5000
-    patience: int = 5  # epochs with no member improving by > 1 % before stopping
+    patience: int = 5  # stop once more than this many epochs have passed since any member improved
     normalize_outputs: bool = False  # MBPO: inputs only; ME-TRPO-style models: both
+    activation: str = "swish"  # hidden nonlinearity: "swish" (PETS, MBPO) or "relu" (ME-TRPO, MB-MPO)
+    bootstrap: bool = True  # each member on its own resample; False: all members on all training rows
+    same_batches: bool = False  # with bootstrap=False: every member gets the very same minibatches
+    improvement: float = 0.01  # relative holdout decrease that counts as a member improving (0: any)
+    score_start: bool = False  # the weights before training are a candidate best (ME-TRPO)
+    eval_every: int = 1  # score the holdout (and decide best / stop) every this many epochs
+    std_floor: float = 0.0  # normaliser std = max(std, std_floor) (ME-TRPO's running std: 0.1)
 
 
 class Normalizer(NamedTuple):
@@ -101,15 +118,23 @@ def split_targets(obs, y):
     return obs + y[..., 1:], y[..., 0]
 
 
-def fit_normalizer(inputs, targets, normalize_outputs: bool = False) -> Normalizer:
+def fit_normalizer(inputs, targets, normalize_outputs: bool = False, std_floor: float = 0.0) -> Normalizer:
     """Mean and std over the rows; std below 1e-12 is set to 1 (as jannerm/mbpo's
-    scaler), so constant dimensions pass through unchanged."""
+    scaler), so constant dimensions pass through unchanged. std_floor > 0 instead
+    raises every std to at least std_floor (thanard/me-trpo `running_mean_std.py`:
+    sqrt(max(var, 1e-2)), a floor of 0.1)."""
     inputs, targets = np.asarray(inputs, np.float64), np.asarray(targets, np.float64)
-    in_std = inputs.std(0)
-    in_std[in_std < 1e-12] = 1.0
+
+    def spread(a):
+        std = a.std(0)
+        if std_floor > 0:
+            return np.maximum(std, std_floor)
+        std[std < 1e-12] = 1.0
+        return std
+
+    in_std = spread(inputs)
     if normalize_outputs:
-        out_mean, out_std = targets.mean(0), targets.std(0)
-        out_std[out_std < 1e-12] = 1.0
+        out_mean, out_std = targets.mean(0), spread(targets)
     else:
         out_mean, out_std = np.zeros(targets.shape[1]), np.ones(targets.shape[1])
     f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -128,18 +153,20 @@ def denormalize_output(norm: Normalizer, y_normalized):
 # One member
 # ----------------------------------------------------------------------------
 class Member(nn.Module):
-    """MLP, swish hidden layers. Probabilistic: outputs (mean, logvar) with the
-    learned soft bounds of PETS; deterministic: (mean, zeros)."""
+    """MLP, swish (or ReLU) hidden layers. Probabilistic: outputs (mean, logvar)
+    with the learned soft bounds of PETS; deterministic: (mean, zeros)."""
 
     hidden: int
     num_layers: int
     out_dim: int
     probabilistic: bool
+    activation: str = "swish"
 
     @nn.compact
     def __call__(self, x):  # x (B, in_dim), normalised
+        act = nn.relu if self.activation == "relu" else nn.swish
         for _ in range(self.num_layers):
-            x = nn.swish(nn.Dense(self.hidden)(x))
+            x = act(nn.Dense(self.hidden)(x))
         if not self.probabilistic:
             mean = nn.Dense(self.out_dim)(x)
             return mean, jnp.zeros_like(mean)
@@ -153,7 +180,7 @@ class Member(nn.Module):
 
 
 def member_module(cfg: EnsembleConfig) -> Member:
-    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic)
+    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic, cfg.activation)
 
 
 def create(cfg: EnsembleConfig, key) -> EnsembleState:
@@ -227,12 +254,12 @@ def holdout_mse(cfg: EnsembleConfig, params, norm: Normalizer, x, y, mask):
 # ----------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("cfg",))
-def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_loss, data, key):
+@partial(jax.jit, static_argnames=("cfg", "score"))
+def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_loss, data, key, score=True):
     """One epoch, one jitted call: shuffle each member's bootstrap indices, then a
     loop over ceil(n_train / batch) minibatches (E members in parallel, each on its
-    own rows), then the holdout MSE; members that improved by > 1 % keep these
-    params as their best.
+    own rows), then (if score) the holdout MSE; members that improved by more than
+    cfg.improvement (relative) keep these params as their best.
 
     data: (x (N, in), y (N, out), boot (E, N) int32 bootstrap row indices into the
     first n_train rows, n_train, x_hold (H, in), y_hold (H, out), hold_mask (H,)).
@@ -240,8 +267,10 @@ def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_
     """
     x, y, boot, n_train, x_hold, y_hold, hold_mask = data
     n_pad = boot.shape[1]
-    # Per-member shuffle of the first n_train slots (pad slots sort last).
-    u = jax.random.uniform(key, boot.shape)
+    # Per-member shuffle of the first n_train slots (pad slots sort last); one
+    # shared shuffle when every member must see the very same minibatches.
+    u = jax.random.uniform(key, (1, n_pad) if cfg.same_batches else boot.shape)
+    u = jnp.broadcast_to(u, boot.shape)
     u = jnp.where(jnp.arange(n_pad) < n_train, u, 2.0)
     order = jnp.take_along_axis(boot, jnp.argsort(u, axis=1), axis=1)  # (E, N)
     num_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
@@ -259,8 +288,10 @@ def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_
         return optax.apply_updates(params, updates), opt_state
 
     params, opt_state = jax.lax.fori_loop(0, num_batches, body, (params, opt_state))
+    if not score:
+        return params, opt_state, best_params, best_loss, best_loss, jnp.zeros((), bool)
     loss = holdout_mse(cfg, params, norm, x_hold, y_hold, hold_mask)  # (E,)
-    improved = (best_loss - loss) / best_loss > 0.01  # (E,)
+    improved = (best_loss - loss) / best_loss > cfg.improvement  # (E,)
     pick = lambda new, old: jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     best_params = jax.tree.map(pick, params, best_params)
     best_loss = jnp.where(improved, loss, best_loss)
@@ -274,51 +305,72 @@ def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
 
 
 def train(cfg: EnsembleConfig, state: EnsembleState, inputs, targets, rng: np.random.Generator,
-          max_epochs: int | None = None) -> tuple[EnsembleState, dict]:
+          max_epochs: int | None = None, holdout=None) -> tuple[EnsembleState, dict]:
     """Fit the ensemble to (inputs (N, in), targets (N, out)) from its current
     params (warm start, as jannerm/mbpo), with holdout early stopping.
 
+    holdout: None splits off a random holdout (min(holdout_ratio N, max_holdout)
+    rows); a pair (x_hold, y_hold) is used as the validation set instead and all
+    of (inputs, targets) is trained on (ME-TRPO's split by trajectory order).
     Returns the new state (best params restored, normaliser refitted, elites the
-    num_elites lowest holdout MSEs) and info: holdout MSE per member, epochs run.
+    num_elites lowest holdout MSEs) and info: holdout MSE per member, epochs run,
+    and holdout_curve (scored epochs, E): each member's holdout MSE when scored.
     Arrays are padded to the next power of two so that a growing data set
     recompiles `train_epoch` only log2(N) times."""
     inputs, targets = np.asarray(inputs, np.float32), np.asarray(targets, np.float32)
     n = len(inputs)
-    n_hold = min(int(n * cfg.holdout_ratio), cfg.max_holdout)
-    if n - n_hold < 1:
-        raise ValueError(f"need at least one training row, got {n} rows")
-    perm = rng.permutation(n)
-    hold, tr = perm[:n_hold], perm[n_hold:]
+    if holdout is None:
+        n_hold = min(int(n * cfg.holdout_ratio), cfg.max_holdout)
+        if n - n_hold < 1:
+            raise ValueError(f"need at least one training row, got {n} rows")
+        perm = rng.permutation(n)
+        hold, tr = perm[:n_hold], perm[n_hold:]
+        # No holdout (tiny data or holdout_ratio 0): score on training rows instead.
+        x_hold, y_hold = (inputs[hold], targets[hold]) if n_hold > 0 else (inputs[tr[:cfg.max_holdout]],
+                                                                            targets[tr[:cfg.max_holdout]])
+    else:
+        if n < 1 or len(holdout[0]) < 1:
+            raise ValueError(f"need training and validation rows, got {n} and {len(holdout[0])}")
+        tr = np.arange(n)
+        x_hold, y_hold = np.asarray(holdout[0], np.float32), np.asarray(holdout[1], np.float32)
     n_train = len(tr)
-    norm = fit_normalizer(inputs[tr], targets[tr], cfg.normalize_outputs)
+    norm = fit_normalizer(inputs[tr], targets[tr], cfg.normalize_outputs, cfg.std_floor)
     n_pad = 1 << int(np.ceil(np.log2(max(n_train, cfg.batch_size))))
-    # No holdout (tiny data or holdout_ratio 0): score on training rows instead.
-    hold_rows = hold if n_hold > 0 else tr[: cfg.max_holdout]
-    h_pad = 1 << int(np.ceil(np.log2(len(hold_rows))))
+    h_pad = 1 << int(np.ceil(np.log2(len(x_hold))))
     # Each member's own bootstrap resample (rows drawn with replacement), fixed
-    # for this fit; `train_epoch` reshuffles its order every epoch.
+    # for this fit, or (bootstrap=False) every member on all training rows;
+    # `train_epoch` reshuffles the order every epoch.
     boot = np.zeros((cfg.num_members, n_pad), np.int32)
-    boot[:, :n_train] = rng.integers(0, n_train, size=(cfg.num_members, n_train))
+    if cfg.bootstrap:
+        boot[:, :n_train] = rng.integers(0, n_train, size=(cfg.num_members, n_train))
+    else:
+        boot[:, :n_train] = np.arange(n_train)
     mask = np.zeros(h_pad, np.float32)
-    mask[: len(hold_rows)] = 1.0
+    mask[: len(x_hold)] = 1.0
     data = (jnp.asarray(_pad_rows(inputs[tr], n_pad)), jnp.asarray(_pad_rows(targets[tr], n_pad)),
-            jnp.asarray(boot), jnp.int32(n_train), jnp.asarray(_pad_rows(inputs[hold_rows], h_pad)),
-            jnp.asarray(_pad_rows(targets[hold_rows], h_pad)), jnp.asarray(mask))
+            jnp.asarray(boot), jnp.int32(n_train), jnp.asarray(_pad_rows(x_hold, h_pad)),
+            jnp.asarray(_pad_rows(y_hold, h_pad)), jnp.asarray(mask))
     params, opt_state = state.params, state.opt_state
-    best_params, best_loss = params, jnp.full((cfg.num_members,), 1e10)
+    # float32 explicitly: a weakly typed 1e10 would make train_epoch compile twice.
+    best_params, best_loss = params, jnp.full((cfg.num_members,), 1e10, dtype=jnp.float32)
+    if cfg.score_start:  # the starting weights are each member's best until beaten
+        best_loss = holdout_mse(cfg, params, norm, data[4], data[5], data[6]).astype(jnp.float32)
     key = jax.random.PRNGKey(int(rng.integers(2 ** 31)))
-    epoch, since_update = 0, 0
+    epoch, since_update, curve = 0, 0, []
     while max_epochs is None or epoch < max_epochs:
         key, sub = jax.random.split(key)
+        score = (epoch + 1) % cfg.eval_every == 0
         params, opt_state, best_params, best_loss, loss, improved = train_epoch(
-            cfg, params, opt_state, norm, best_params, best_loss, data, sub)
+            cfg, params, opt_state, norm, best_params, best_loss, data, sub, score=score)
         epoch += 1
+        if score:
+            curve.append(loss)
         since_update = 0 if bool(improved) else since_update + 1
         if since_update > cfg.patience:
             break
     losses = holdout_mse(cfg, best_params, norm, data[4], data[5], data[6])
     elites = jnp.argsort(losses)[: cfg.num_elites].astype(jnp.int32)
-    info = {"holdout_mse": np.asarray(losses), "epochs": epoch,
+    info = {"holdout_mse": np.asarray(losses), "epochs": epoch, "holdout_curve": np.asarray(curve),
             "elite_holdout_mse": float(np.sort(np.asarray(losses))[: cfg.num_elites].mean())}
     return EnsembleState(best_params, opt_state, norm, elites), info
 

@@ -7,6 +7,12 @@ arrays (vmap it for a batch), equal to the env's own reward or `terminated`
 on real transitions (tests check both).
 - Differentiable rewards (`REWARD_FUNCTIONS`, `reward_function(env_id)`):
   backprop through a learned model needs the reward's gradient.
+- Observation rewards (`OBS_REWARD_FUNCTIONS`, with `OBS_TERMINATION_FUNCTIONS`):
+  the env's exact reward as a function of (s, a, s'), non-differentiable ones
+  included. For the locomotion envs, whose reward is a forward velocity
+  (x' - x) / dt, the env option `REWARD_OBS_KWARGS` keeps the x position in the
+  observation (its first `POSITION_DIMS` entries); the policy and the model
+  drop those entries from their inputs (ME-TRPO).
 - Termination functions (`TERMINATION_FUNCTIONS`, `termination_function(env_id)`)
   for the MuJoCo -v5 envs, and `TRUNCATED_OBS_KWARGS`, MBPO's truncated
   observations for Ant and Humanoid.
@@ -138,3 +144,58 @@ TRUNCATED_OBS_KWARGS = {
 def termination_function(env_id: str):
     """The JAX termination function of `env_id`, or a one-line error naming those known."""
     return lookup(TERMINATION_FUNCTIONS, env_id, "termination function", "common/envs/model_fns.py")
+
+
+# --------------------------------------------------------------------------
+# Observation rewards: exact env rewards as functions of (s, a, s')
+# --------------------------------------------------------------------------
+# The -v5 locomotion rewards pay the forward velocity (x' - x) / dt, and x is
+# left out of the default observation. With exclude_current_positions_from_
+# observation=False it is obs[0] (Swimmer: obs[0:2] = x, y), so a model that
+# predicts s' - s predicts the displacement too, and the reward below equals the
+# env's exactly (tests/test_me_trpo.py checks these on real transitions). dt is the
+# env's frame_skip x timestep.
+REWARD_OBS_KWARGS = {env_id: {"exclude_current_positions_from_observation": False}
+                     for env_id in ("HalfCheetah-v5", "Hopper-v5", "Swimmer-v5")}
+# Leading observation entries that are positions only the reward needs (0 if absent).
+POSITION_DIMS = {"HalfCheetah-v5": 1, "Hopper-v5": 1, "Swimmer-v5": 2}
+
+
+def halfcheetah_full_obs_reward(obs, action, next_obs):
+    """HalfCheetah-v5 (dt 0.05): (x' - x) / dt - 0.1 ||a||^2."""
+    return (next_obs[0] - obs[0]) / 0.05 - 0.1 * jnp.sum(action**2)
+
+
+def hopper_full_obs_terminated(obs, action, next_obs):
+    """Hopper-v5's health check on the observation without x."""
+    return hopper_terminated(obs[1:], action, next_obs[1:])
+
+
+def hopper_full_obs_reward(obs, action, next_obs):
+    """Hopper-v5 (dt 0.008): (x' - x) / dt + 1 while healthy - 0.001 ||a||^2."""
+    healthy = 1.0 - hopper_full_obs_terminated(obs, action, next_obs).astype(jnp.float32)
+    return (next_obs[0] - obs[0]) / 0.008 + healthy - 1e-3 * jnp.sum(action**2)
+
+
+def swimmer_full_obs_reward(obs, action, next_obs):
+    """Swimmer-v5 (dt 0.04): (x' - x) / dt - 1e-4 ||a||^2."""
+    return (next_obs[0] - obs[0]) / 0.04 - 1e-4 * jnp.sum(action**2)
+
+
+def inverted_pendulum_reward(obs, action, next_obs):
+    """InvertedPendulum-v5: 1 for every step that does not end the episode."""
+    return 1.0 - inverted_pendulum_terminated(obs, action, next_obs).astype(jnp.float32)
+
+
+OBS_REWARD_FUNCTIONS = {
+    "HalfCheetah-v5": halfcheetah_full_obs_reward,
+    "Hopper-v5": hopper_full_obs_reward,
+    "Swimmer-v5": swimmer_full_obs_reward,
+    "InvertedPendulum-v5": inverted_pendulum_reward,
+}
+OBS_TERMINATION_FUNCTIONS = {
+    "HalfCheetah-v5": never_terminated,
+    "Hopper-v5": hopper_full_obs_terminated,
+    "Swimmer-v5": never_terminated,
+    "InvertedPendulum-v5": inverted_pendulum_terminated,
+}

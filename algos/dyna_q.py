@@ -71,6 +71,7 @@ from common.command_line import cli
 from common.envs import make_env
 from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
 from common.jax_envs.adapter import func_env_of
+from common.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,6 +486,8 @@ def main(args: Args) -> dict:
     key = seed_everything(args.seed)
     run = Run(args)
     seeds, P, T = args.num_seeds, args.eval_interval, args.total_timesteps
+    progress = Progress(f"Dyna-Q{'+' if args.plus else ''} (n = {args.planning_steps}) on {args.env_id}, "
+                        f"{seeds} repetition(s)", T, start=run.start_step, every=P, compiling="one evaluation period")
     # The checkpoint: the carry of every repetition (Q, model, visit times, env
     # state, step and episode counters, key) and the history the summary needs.
     state = run.restore({
@@ -497,7 +500,7 @@ def main(args: Args) -> dict:
     while i < args.num_periods and not finished(state["carry"].episodes, args):
         # [1]-[7] one jitted call: eval_interval steps of every repetition, then the evaluation
         with run.timed("experiment"):
-            carry, record, ret, length, progress = jax.block_until_ready(
+            carry, record, ret, length, metrics = jax.block_until_ready(
                 run_period(state["carry"], args.planning_steps, schedule, env, args))
         steps = i * P + np.arange(1, P + 1)  # the env step of each record entry
         check_finite_series(steps, reward=record.reward.T, q=record.q.T)
@@ -506,7 +509,8 @@ def main(args: Args) -> dict:
         state["terminals"][:, i * P:(i + 1) * P] = np.asarray(record.terminal)
         state["eval_return"][i], state["eval_length"][i] = np.asarray(ret), np.asarray(length)
         i += 1
-        run.log(progress, i * P)
+        run.log(metrics, i * P, echo=False)
+        progress.update(i * P, metrics, ["eval/return", "eval/length", "train/episodes"])
         if run.checkpoint_due(i * P, (i - 1) * P):
             run.save(state, i * P)
     steps = i * P
@@ -526,10 +530,14 @@ def main(args: Args) -> dict:
         "final_eval_length": float(eval_len[-1].mean()),
         "cumulative_reward": float(rewards.sum(1).mean()),
     }
-    run.log(summary, steps)
+    run.log(summary, steps, echo=False)
     if n_common:
         shown = ", ".join(f"{k + 1}: {mean_len[k]:.1f}" for k in range(min(n_common, 10)))
         print(f"mean steps per episode over {seeds} seed(s), episodes {shown}", flush=True)
+    shortest = {"DynaMaze-v0": 14}.get(args.env_id)  # S&B Example 8.1
+    progress.done("final_eval_length", summary["final_eval_length"],
+                  reference=f"greedy episode length; the shortest path is {shortest} steps" if shortest else
+                  "greedy episode length", extra=f"{summary['episodes_completed']:.0f} episodes per repetition")
 
     if args.save_model:  # tables of every repetition, leading axis = seed
         tables = {k: v for k, v in agent._asdict().items() if v is not None}

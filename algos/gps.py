@@ -72,6 +72,7 @@ from common.checks import check_finite, check_memory, check_ranges, fail, flag
 from common.command_line import cli
 from common.envs.conditions import evaluate_conditions, make_conditions_env, rollout_condition
 from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
+from common.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -723,6 +724,9 @@ def main(args: Args) -> dict:
     run = Run(args)
     state = run.restore(init_state(args, dims, key))  # [0], or the checkpoint's state on --resume
     mdgps, history, start = args.algorithm == "mdgps", [], time.time()
+    progress = Progress(f"GPS ({args.algorithm}) on {args.env_id}, {args.conditions} training conditions, "
+                        f"{args.steps_per_iteration:,} env steps per iteration", args.iterations, unit="iterations",
+                        start=int(state.iteration), compiling="the LQR, dynamics-fit and policy phases")
 
     for it in range(state.iteration + 1, args.iterations + 1):  # 1-based, as logged
         t0 = time.time()
@@ -768,7 +772,10 @@ def main(args: Args) -> dict:
             if mdgps and (it % args.eval_interval == 0 or it == args.iterations):
                 metrics |= evaluate_global(env, args, dims, state)
         state, steps = state._replace(iteration=it), it * args.steps_per_iteration
-        run.log(metrics, steps)
+        run.log(metrics, steps, echo=False)
+        progress.update(it, metrics, ["local/final_distance", "local/mean_controller_final_distance",
+                                      "global/train_final_distance", "global/test_final_distance", "local/cost",
+                                      "kl", "step_mult"])
         history.append({k: np.asarray(v).tolist() for k, v in metrics.items()}
                        | {"samples": steps, "time": time.time() - start})
         if run.checkpoint_due(it, it - 1) or it == args.iterations:  # counted in iterations
@@ -781,6 +788,12 @@ def main(args: Args) -> dict:
         video_env = make_conditions_env(args.env_id, render_mode="rgb_array")
         record_video(video_env, lambda o: policy_act(state, args, dims, np.zeros((1, dims.dU)))(None, o, 0),
                      run.dir / "videos", episodes=1, seed=args.seed, max_steps=args.horizon)
+    if history:
+        key = "global/train_final_distance" if mdgps else "local/final_distance"
+        targets = {"Reacher-v5": "target <= 0.03 after 10 iterations" if mdgps else
+                   "target <= 0.02 after 10 iterations"}
+        progress.done(key, history[-1][key], reference=targets.get(args.env_id),
+                      extra=f"{args.iterations * args.steps_per_iteration:,} env steps")
     run.close()
     return {"history": history, "controllers": state.ctrl, "policy_params": state.policy.params, "run_dir": run.dir}
 

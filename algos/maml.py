@@ -77,6 +77,7 @@ from common.envs import make_env
 from common.envs.mujoco_tasks import TaskFamily, task_family_of
 from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
+from common.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -623,6 +624,10 @@ def main(args: Args) -> dict:
                                          "samplers": {name: s.state() for name, s in samplers.items()}}
     state = run.restore(checkpoint(theta, key, 0))
     theta, key, start_it = state["theta"], state["key"], int(state["iteration"])
+    name = "ProMP" if args.estimator == "promp" else ("first-order MAML" if args.first_order else "MAML")
+    progress = Progress(f"{name} on {args.env_id}: {args.meta_batch} tasks x {args.trajectories_per_task} "
+                        f"trajectories, {per_iter:,} env steps per meta-iteration", iterations,
+                        unit="meta-iterations", start=start_it, compiling="the inner and outer steps")
     for name, sampler in samplers.items() if start_it else ():
         sampler.set_state(state["samplers"][name])
     start, curves = time.time(), []
@@ -643,11 +648,18 @@ def main(args: Args) -> dict:
             evals = {f"eval/return_after_{j}_steps": r for j, r in enumerate(curve)}
             check_finite(step, **evals)
             metrics.update(evals)
-        run.log(metrics, step)
+        run.log(metrics, step, echo=False)
+        progress.update(it, metrics, ["return/pre_update", "return/post_update", "eval/return_after_0_steps",
+                                      "eval/return_after_1_steps"])
         if run.checkpoint_due(step, step - per_iter) or it == iterations:
             run.save(checkpoint(theta, key, it), step)
     if args.save_model:
         print(f"saved {save_checkpoint(run.dir / 'policy.msgpack', theta)}")
+    if curves:
+        final = curves[-1]["returns"]
+        progress.done("eval/return_after_1_steps", final[1] if len(final) > 1 else final[0],
+                      reference=f"before adaptation {final[0]:.1f}, on {args.eval_episodes} new tasks",
+                      extra=f"{iterations * per_iter:,} env steps")
     run.close()
     return {"theta": theta, "curves": curves, "run_dir": run.dir, "wall_seconds": time.time() - start,
             "test_tasks": test_tasks, "test_key": k_test, "timings": dict(run.timings)}

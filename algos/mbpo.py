@@ -66,6 +66,7 @@ from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, never_terminated
 from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
+from common.progress import Progress
 
 # The paper's per-env settings (jannerm/mbpo examples/config/*/0.py): G updates per env
 # step, SAC target entropy, rollout-length schedule [start epoch, end epoch, min k, max k],
@@ -86,6 +87,11 @@ PAPER_CONFIGS = {
     "Humanoid-v5": dict(num_updates=20, target_entropy=-2.0, rollout_schedule=(20, 300, 1, 25),
                         epoch_length=1000, random_steps=5000, model_hidden=400, budget=300_000),
 }
+# The paper's Fig. 2 at its budget (read off the plot; docs/mbpo.md), for the summary line.
+PUBLISHED_RETURNS = {"InvertedPendulum-v5": "1000 is the maximum; the paper reaches it by 20k steps",
+                     "Hopper-v5": "paper: about 3300 at 125k", "Walker2d-v5": "paper: about 4500 at 300k",
+                     "HalfCheetah-v5": "paper: about 10000 at 400k", "Ant-v5": "paper: 5000-6000 at 300k",
+                     "Humanoid-v5": "paper: about 6000 at 300k"}
 OTHER_ENV = dict(num_updates=20, target_entropy=None, rollout_schedule=(20, 150, 1, 1), epoch_length=1000,
                  random_steps=5000, model_hidden=200, budget=None)  # target entropy None: -act_dim
 
@@ -485,6 +491,9 @@ def main(args: Args) -> dict:
     dims = Dims(env.observation_space.shape[0], env.action_space.shape[0])
     args = resolve(args, dims.act_dim)
     run = Run(args)
+    progress = Progress(f"MBPO on {args.env_id}", args.total_timesteps, start=run.start_step,
+                        every=args.eval_interval, compiling=f"the model and SAC phases (after the "
+                        f"{args.random_steps:,} random steps)")
     if args.env_id not in TERMINATION_FUNCTIONS:
         print(f"note: no termination function for {args.env_id}: model rollouts never terminate", flush=True)
     term_fn = TERMINATION_FUNCTIONS.get(args.env_id, never_terminated)
@@ -574,7 +583,9 @@ def main(args: Args) -> dict:
                 row.update({f"model/{k}": v.item() for k, v in model_metrics.items()})
             if learning:
                 row.update({f"sac/{k}": float(v) for k, v in sac_metrics.items()})
-            run.log(row, step)
+            run.log(row, step, echo=False)
+            progress.update(step, row, ["eval/return", "train/episode_return", "model/holdout_mse",
+                                        "model/rollout_length", "sac/critic_loss", "sac/alpha"])
             history.append({"step": step, "time": time.time() - t0, **row})
         if run.checkpoint_due(step):
             run.save(checkpoint(), step)
@@ -588,6 +599,8 @@ def main(args: Args) -> dict:
                                                      "elites": model_state.elites})
     if args.capture_video:
         record_video(make_env(args.env_id, render_mode="rgb_array", **env_kwargs), policy_det, run.dir / "videos")
+    if history:
+        progress.done("eval/return", history[-1]["eval/return"], reference=PUBLISHED_RETURNS.get(args.env_id))
     run.close()
     return {"history": history, "timings": dict(run.timings), "wall_seconds": time.time() - t0,
             "run_dir": str(run.dir)}

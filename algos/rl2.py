@@ -79,6 +79,7 @@ from common.command_line import cli
 from common.envs import make_env
 from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
+from common.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,9 +554,10 @@ def main(args: Args) -> dict:
     key = seed_everything(args.seed)
     run = Run(args)
     U, E, step_size = updates_per_eval(args, dims), num_evals(args, dims), steps_per_update(args, dims)
-    print(f"RL² on {args.env_id}: trials of n = {args.episodes_per_trial} episodes x H = {dims.horizon} "
-          f"steps, meta-batch {args.meta_batch}, {E * U} PPO iterations x {step_size} env steps, "
-          f"{args.num_seeds} seed(s)", flush=True)
+    progress = Progress(f"RL² on {args.env_id}: trials of n = {args.episodes_per_trial} episodes x H = "
+                        f"{dims.horizon} steps, meta-batch {args.meta_batch}, {E * U} PPO iterations x {step_size} "
+                        f"env steps, {args.num_seeds} seed(s)", E * U * step_size, start=run.start_step,
+                        every=U * step_size, compiling="the first evaluation and one evaluation period")
     with run.timed("train"):
         carry, eval0 = start(key, env, args, dims)
     # The checkpoint: every seed's carry (params, both optimisers' states and the
@@ -569,14 +571,16 @@ def main(args: Args) -> dict:
     for i in range(run.start_step // (U * step_size), E):
         # [1]-[5] one jitted call: U PPO iterations of every seed, then the evaluation
         with run.timed("train"):
-            carry, record, ev, progress = jax.block_until_ready(run_period(state["carry"], env, args, dims))
+            carry, record, ev, metrics = jax.block_until_ready(run_period(state["carry"], env, args, dims))
         iterations = i * U + np.arange(1, U + 1)
         check_finite_series(iterations * step_size, **{k: v.T for k, v in record.items()})
         state["carry"], state["evals"][i + 1] = carry, np.asarray(ev)
         for k in metric_names:
             state["metrics"][k][i * U:(i + 1) * U] = np.asarray(record[k]).T
         step = (i + 1) * U * step_size
-        run.log({**progress, "steps_per_second": step * args.num_seeds / max(run.timings["train"], 1e-9)}, step)
+        metrics = {**metrics, "steps_per_second": step * args.num_seeds / max(run.timings["train"], 1e-9)}
+        run.log(metrics, step, echo=False)
+        progress.update(step, metrics, ["eval/trial_reward", "train/trial_reward", "loss/entropy", "loss/approx_kl"])
         if run.checkpoint_due(step, i * U * step_size):
             run.save(state, step)
     steps = E * U * step_size
@@ -592,11 +596,14 @@ def main(args: Args) -> dict:
         else float(per_seed.std(ddof=1) / np.sqrt(args.num_seeds)),
         "initial_trial_reward": float(evals[0].sum(-1).mean()),
     }
-    run.log(summary, steps)
+    run.log(summary, steps, echo=False)
     per_episode = evals[-1].mean((0, 1))
     shown = ", ".join(f"{x:.3g}" for x in per_episode[:10])
     print(f"final policy, mean reward of episode 1..{min(10, args.episodes_per_trial)} of a trial: {shown}",
           flush=True)
+    progress.done("final_trial_reward", summary["final_trial_reward"],
+                  reference=f"± {summary['final_trial_reward_stderr']:.2g}; the untrained policy: "
+                            f"{summary['initial_trial_reward']:.3g}")
     params = state["carry"].train_state.params
     if args.save_model:  # params of every seed (leading axis) and the sizes to rebuild the network
         config = {**json.loads(json.dumps(dataclasses.asdict(args))), **dims._asdict()}

@@ -107,7 +107,7 @@ class Progress:
         self.step = int(step)
         eta = (self.total - step) / sps if sps > 0 else float("inf")
         parts = [f"step {int(step):,}/{self.total:,} ({100 * step / max(self.total, 1):.0f}%)",
-                 f"{rounded(sps)} sps", f"elapsed {duration(now - self.t0)}", f"eta {duration(eta)}"]
+                 self._rate_text(sps), f"elapsed {duration(now - self.t0)}", f"eta {duration(eta)}"]
         metrics = metrics or {}
         for key in show:
             text = rounded(metrics[key]) if key in metrics else None
@@ -116,6 +116,11 @@ class Progress:
         line = " | ".join(parts)
         self._print(line)
         return line
+
+    def _rate_text(self, rate: float) -> str:
+        if self.unit == "env steps":
+            return f"{rounded(rate)} sps"
+        return f"{rounded(1.0 / rate) if rate > 0 else '?'} s/{self.unit.removesuffix('s')}"  # e.g. 5.8 s/iteration
 
     def done(self, metric: str, value: Any, reference: str | None = None, extra: str | None = None) -> str:
         """Print and return the summary line: the headline metric beside its

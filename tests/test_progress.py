@@ -46,3 +46,9 @@ def test_a_resumed_run_says_so_and_counts_its_rate_from_the_resume(clock):
     p = Progress("RL² on BernoulliBandit5-v0", 100, start=40, echo=False)
     clock[0] += 6.0
     assert p.update(70).startswith("step 70/100 (70%) | 5 sps | elapsed 6s | eta 6s")
+
+
+def test_iteration_units_show_seconds_per_iteration(clock):
+    p = Progress("GPS (lqr_flm) on Reacher-v5", 10, unit="iterations", echo=False)
+    clock[0] += 12.0
+    assert p.update(2).startswith("step 2/10 (20%) | 6 s/iteration | elapsed 12s | eta 48s")

@@ -60,6 +60,7 @@ from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import OBS_REWARD_FUNCTIONS, OBS_TERMINATION_FUNCTIONS, POSITION_DIMS, REWARD_OBS_KWARGS
 from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
+from common.progress import Progress
 
 # The authors' per-env settings (thanard/me-trpo params/params-<env>.json): horizon T (policy_opt_params.T and
 # rollout_params.max_timestep), model width (dynamics_model.hidden_layers), and the reward clip of their
@@ -683,6 +684,9 @@ def main(args: Args) -> dict:
                                                                     jnp.asarray(o, jnp.float32))), -1, 1))
     for phase in ("collect", "model_train", "policy_iteration", "validation_check", "eval"):
         run.timings.setdefault(phase, 0.0)
+    progress = Progress(f"ME-TRPO ({args.policy_update}, {args.ensemble_size} models) on {args.env_id}",
+                        args.total_timesteps, start=run.start_step, every=args.eval_interval,
+                        compiling="the imagined rollouts, the TRPO step and the models")
     history, step, t0 = [], run.start_step, time.time()
     while step < args.total_timesteps:
         iteration += 1
@@ -723,13 +727,18 @@ def main(args: Args) -> dict:
                    "model/passes": model_info["epochs"], **policy_metrics,
                    "sps": (step - run.start_step) / (time.time() - t0),
                    **{f"time/{k}": v for k, v in run.timings.items()}}
-            run.log(row, step)
+            run.log(row, step, echo=False)
+            progress.update(step, row, ["eval/return", "train/episode_return", "model/validation_mse",
+                                        "policy/iterations", "policy/model_return"])
             history.append({"step": step, "time": time.time() - t0, **row})
         if run.checkpoint_due(step, previous):
             run.save(checkpoint(), step)
 
     if run.start_step < step:
         run.save(checkpoint(), step)
+    if history:
+        progress.done("eval/return", history[-1]["eval/return"],
+                      reference=f"random-ish first iteration: {history[0]['train/episode_return']:.1f}")
     if args.save_model:
         save_checkpoint(run.dir / "me_trpo.msgpack", {"policy": params, "model": model.params,
                                                        "model_norm": model.norm})

@@ -10,11 +10,11 @@ stopped by `--max-minutes` still contributes the part it finished (marked partia
     bptt        --policy-update bptt: backprop through the models instead of TRPO ("TRPO > BPTT")
 
 Settings (`--setting`):
-    cpu    HalfCheetah-v5, T = 100 (the authors' horizon), 1000 real steps per iteration, models 2x256
-           (the authors: 2x1024), 5000 imagined steps per TRPO iteration (50000), at most 100 TRPO
-           iterations per policy phase (400), 50 validation starts (500: like the authors', as many as the
-           imagined trajectories of one TRPO iteration), 30 iterations (30k steps): the authors' method at a size a
-           2-core CPU runs in about 20 minutes per seed and variant
+    cpu    HalfCheetah-v5, T = 100 (the authors' horizon), 1000 real steps per iteration (the authors: 3000),
+           30 iterations (100), models 2x256 (2x1024), 20000 imagined steps per TRPO iteration (50000), at most
+           100 TRPO iterations per policy phase (400), 200 validation starts (500: as many as the imagined
+           trajectories of one TRPO iteration, 200 here), BPTT on 50 starts per step (500): the method at a
+           size a 2-core CPU runs in about 10-15 minutes per seed and variant
     paper  the authors' configuration (thanard/me-trpo params-<env>.json) for HalfCheetah, Swimmer and Hopper:
            3000 real steps per iteration, 100 iterations, 2x1024 models (Swimmer 2x512), 50000 imagined steps,
            400 TRPO iterations, 500 validation starts; runs unchanged on a GPU (jax[cuda])
@@ -66,10 +66,11 @@ LABELS = {"me_trpo": "ME-TRPO (5 models)", "one_model": "1 model", "no_stop": "n
           "bptt": "BPTT (5 models)"}
 # The CPU-scale setting (see the docstring); MB-MPO's benchmark imports it.
 CPU_SETTING = dict(env_id="HalfCheetah-v5", horizon=100, steps_per_iteration=1000, total_timesteps=30_000,
-                   model_hidden=256, imagined_steps=5000, max_policy_iters=100, validation_starts=50)
+                   model_hidden=256, imagined_steps=20_000, max_policy_iters=100, validation_starts=200,
+                   bptt_batch=50)
 # The authors' configuration (thanard/me-trpo params/params-<env>.json); horizon and width from PAPER_CONFIGS.
 PAPER_SETTING = dict(steps_per_iteration=3000, total_timesteps=300_000, imagined_steps=50_000,
-                     max_policy_iters=400, validation_starts=500)
+                     max_policy_iters=400, validation_starts=500, bptt_batch=500)
 
 
 def setting_fields(setting: str, env_id: str) -> dict:

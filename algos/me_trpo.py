@@ -714,8 +714,13 @@ def main(args: Args) -> dict:
         params, baseline_w, key, policy_metrics = policy_phase(
             task, cfg, policy, args, params, baseline_w, model, jnp.asarray(start_pool), jnp.asarray(val_starts),
             key, step, run.timed)
-        change = jax.tree.map(lambda new, prev: new - prev, params, old)
-        has_change = has_change or any(bool(jnp.any(c != 0)) for c in jax.tree.leaves(change))
+        # The parameter noise's scale: this phase's change of the mean network, kept from an earlier phase if
+        # this one changed nothing (thanard/me-trpo `train_models`: diff_weights updates only on a change).
+        delta = {"params": {k: v for k, v in jax.tree.map(lambda a, b: a - b, params, old)["params"].items()
+                            if k != "log_std"}}
+        if any(bool(jnp.any(d != 0)) for d in jax.tree.leaves(delta)):
+            change = {"params": dict(delta["params"], log_std=jnp.zeros_like(params["params"]["log_std"]))}
+            has_change = True
 
         if step // args.eval_interval > previous // args.eval_interval or step >= args.total_timesteps:
             # [7] Deterministic evaluation in the real env

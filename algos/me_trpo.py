@@ -257,12 +257,15 @@ def imagine(task: Task, cfg: ens.EnsembleConfig, policy: Policy, params, model, 
         mean, log_std = policy.apply(params, obs[:, task.dims.skip:])
         action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
         next_obs, reward, done = model_step(task, cfg, model, obs, action, k_model)
-        return (next_obs, alive & ~done), (obs, action, reward, alive)
+        # A finished trajectory stays at its last state, so the model never follows it into states that could
+        # overflow, and where() (not * 0, which turns inf into NaN) keeps its rewards exactly zero.
+        next_obs = jnp.where(alive[:, None], next_obs, obs)
+        return (next_obs, alive & ~done), (obs, action, jnp.where(alive, reward, 0.0), alive)
 
     _, (obs, action, reward, alive) = jax.lax.scan(step, (starts, jnp.ones(starts.shape[0], bool)),
                                                    jax.random.split(key, task.dims.horizon))
     swap = lambda x: jnp.swapaxes(x, 0, 1)  # (T, N, ...) -> (N, T, ...)
-    return Batch(swap(obs), swap(action), swap(reward) * swap(alive), swap(alive).astype(jnp.float32))
+    return Batch(swap(obs), swap(action), swap(reward), swap(alive).astype(jnp.float32))
 
 
 def per_model_returns(task: Task, cfg: ens.EnsembleConfig, policy: Policy, params, model, starts, gamma):
@@ -280,7 +283,8 @@ def per_model_returns(task: Task, cfg: ens.EnsembleConfig, policy: Policy, param
         if task.reward_clip is not None:
             reward = jnp.clip(reward, -task.reward_clip, task.reward_clip)
         done = jax.vmap(jax.vmap(task.term_fn))(obs, env_a, next_obs)
-        return (next_obs, alive & ~done, ret + gamma ** t * reward * alive), None
+        next_obs = jnp.where(alive[..., None], next_obs, obs)  # finished trajectories stay put (see imagine)
+        return (next_obs, alive & ~done, ret + jnp.where(alive, gamma ** t * reward, 0.0)), None
 
     init = (obs0, jnp.ones(obs0.shape[:2], bool), jnp.zeros(obs0.shape[:2]))
     return jax.lax.scan(step, init, jnp.arange(task.dims.horizon))[0][2]

@@ -107,6 +107,7 @@ def read_curve(workdir: Path) -> dict:
 def run_curves(a) -> dict:
     jobs = [(env_id, v, s) for env_id in a.envs for v in a.variants for s in a.seeds]
     tmp = Path(tempfile.mkdtemp(prefix="me_trpo_bench_"))
+    print(f"runs in {tmp} ({len(jobs)} jobs, {a.parallel} at a time)", flush=True)
     running, done, free = {}, {}, list(range(a.parallel))
     while jobs or running:
         while jobs and free:
@@ -143,6 +144,8 @@ def summarise(a, done: dict) -> None:
     fig, axes = plt.subplots(1, len(a.envs), figsize=(6 * len(a.envs), 4), squeeze=False)
     for ax, env_id in zip(axes[0], a.envs, strict=True):
         results[env_id] = {}
+        # The ablations compare every variant at the same real step: the last one all runs reached.
+        common = min((len(r["steps"]) for k, r in done.items() if k[0] == env_id), default=0)
         for i, v in enumerate(a.variants):
             runs = [done[(env_id, v, s)] for s in a.seeds if (env_id, v, s) in done]
             n = min((len(r["steps"]) for r in runs), default=0)
@@ -156,16 +159,19 @@ def summarise(a, done: dict) -> None:
                 ax.plot(r["steps"], r["eval_return"], lw=0.5, alpha=0.35, color=f"C{i}")
             finals = curves[:, -1]
             wall = float(np.mean([r["wall_seconds"][n - 1] for r in runs]))
+            at = curves[:, common - 1] if common > 0 else finals
             results[env_id][v] = {"runs": runs, "final_step": int(x[-1]), "finals": finals.tolist(),
-                                  "final_min": float(finals.min()), "final_max": float(finals.max()),
-                                  **harness.final_mean_std(finals), "wall_seconds_mean": wall}
+                                  **harness.final_mean_std(finals), "wall_seconds_mean": wall,
+                                  "common_step": int(x[common - 1]), "at_common_step": at.tolist(),
+                                  "common_mean": float(at.mean()), "common_min": float(at.min()),
+                                  "common_max": float(at.max())}
             headline.append({"algorithm": f"ME-TRPO ({LABELS[v]})",
                              "setting": f"{env_id} T={CPU_SETTING['horizon'] if a.setting == 'cpu' else 'paper'}, "
-                                        f"{int(x[-1]) // 1000}k steps ({a.setting} setting)",
-                             "metric": "eval return (5 episodes of T steps, deterministic)",
-                             "ours": f"{finals.mean():.0f} +- {finals.std():.0f} (min {finals.min():.0f}, "
-                                     f"max {finals.max():.0f})", "reference": "", "seeds": len(runs),
-                             "wall_seconds": round(wall)})
+                                        f"{int(x[common - 1]) // 1000}k steps ({a.setting} setting)",
+                             "metric": "eval return (5 episodes of T steps, deterministic), mean over seeds",
+                             "ours": f"{at.mean():.0f} (min {at.min():.0f}, max {at.max():.0f})",
+                             "reference": "ME-TRPO (5 models) row" if v != "me_trpo" else "",
+                             "seeds": len(runs), "wall_seconds": round(wall)})
         ax.set_title(f"{env_id} ({a.setting} setting; thin lines: each seed)")
         ax.set_xlabel("real env steps")
         ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda val, _: f"{val / 1000:g}k"))
@@ -181,9 +187,9 @@ def summarise(a, done: dict) -> None:
             if v in res:
                 ours, other = res["me_trpo"], res[v]
                 ablations[f"{env_id}: me_trpo vs {v}"] = {
-                    "me_trpo_final": ours["final_mean"], f"{v}_final": other["final_mean"],
-                    "higher_mean": ours["final_mean"] > other["final_mean"],
-                    "non_overlapping": ours["final_min"] > other["final_max"]}
+                    "step": ours["common_step"], "me_trpo": ours["at_common_step"], v: other["at_common_step"],
+                    "higher_mean": ours["common_mean"] > other["common_mean"],
+                    "non_overlapping": ours["common_min"] > other["common_max"]}
     for k, v in ablations.items():
         print(f"{k}: {v}", flush=True)
     harness.save_results(a.name, {"setting": a.setting, "cpu_setting": CPU_SETTING, "paper_setting": PAPER_SETTING,
@@ -281,6 +287,8 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="results name suffix: me_trpo_<tag>.json")
     p.add_argument("--speed", action="store_true", help="time the imagined-side phases instead")
     p.add_argument("--reps", type=int, default=10, help="--speed: timed calls per phase")
+    p.add_argument("--summarise", default=None, help="rebuild the summary and plot from a saved results file "
+                                                     "(e.g. benchmarks/out/me_trpo_partial.json); runs nothing")
     a = harness.parse(p, argv)
     if a.envs is None:
         a.envs = ["HalfCheetah-v5"] if a.setting == "cpu" else ["HalfCheetah-v5", "Swimmer-v5", "Hopper-v5"]
@@ -289,6 +297,12 @@ def main(argv=None):
     a.name = "me_trpo" + (f"_{a.setting}" if a.setting != "cpu" else "") + (f"_{a.tag}" if a.tag else "")
     if a.speed:
         speed(a)
+        return
+    if a.summarise:
+        saved = json.loads(Path(a.summarise).read_text())
+        runs = saved["runs"] if "runs" in saved else [r for res in saved["results"].values() for v in res.values()
+                                                       for r in v["runs"]]
+        summarise(a, {(r["env_id"], r["variant"], r["seed"]): r for r in runs})
         return
     summarise(a, run_curves(a))
 

@@ -31,6 +31,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as mticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from algos import gps  # noqa: E402
@@ -83,6 +84,8 @@ def main(argv=None):
                        quick={"seeds": [1], "iterations": 5})
     p.add_argument("--algorithms", nargs="+", default=["mdgps", "lqr_flm"], choices=["mdgps", "lqr_flm"])
     p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (10,000 real steps)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the plot of the saved gps(_<N>it).json (this run's, else the committed one)")
     a = harness.parse(p, argv)
     defaults = gps.Args()
     it = a.iterations
@@ -90,19 +93,12 @@ def main(argv=None):
     out_name = "gps" if it == 10 else f"gps_{it}it"
     target = {k: f"target <= {v}" + ("" if it == 10 else " (at 10 iterations)") for k, v in TARGETS.items()}
 
+    if a.replot:
+        record = harness.load_results(out_name)
+        return save_figure(draw(record["results"], len(record["args"]["seeds"])), out_name)
     results, headline = {}, []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"local": "-", "local_mean": "-.", "global_train": "--", "global_test": ":"}
     for algorithm in a.algorithms:
         r = results[algorithm] = run(algorithm, a.seeds, it)
-        x = r["runs"][0]["samples"]
-        for name, ls in styles.items():
-            if name in r["runs"][0]:
-                plot_curve(axes[0], x, [run_[name] for run_ in r["runs"]], label=f"{algorithm} {LABELS[name]}", ls=ls)
-        plot_curve(axes[1], x, [run_["local_cost"] for run_ in r["runs"]], label=f"{algorithm} {LABELS['local']}")
-        if "global_train_cost" in r["runs"][0]:
-            plot_curve(axes[1], x, [run_["global_train_cost"] for run_ in r["runs"]],
-                       label=f"{algorithm} global policy", ls="--")
         s = r["summary"]
         sampled = "local controllers' noisy samples" if algorithm == "lqr_flm" else "noisy samples (global policy)"
         headline.append({
@@ -125,20 +121,42 @@ def main(argv=None):
                 "held_out": round(s["global_test"]["final_mean"], 4),
                 "reference": target["global_train"], "seeds": len(a.seeds),
                 "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
-    axes[0].axhline(TARGETS["local"], color="k", lw=1, ls="-.", label="target local 0.02")
-    axes[0].axhline(TARGETS["global_train"], color="gray", lw=1, ls="-.", label="target global 0.03")
+    save_figure(draw(results, len(a.seeds)), out_name)
+    save_results(out_name, {"headline": headline, "results": results, "targets": TARGETS,
+                         "sac_reference": SAC_REFERENCE, "args": vars(a)})
+
+
+def draw(results: dict, seeds: int):
+    """Left: final fingertip distance per iteration (mean over seeds, band 1 s.e.) of each algorithm's
+    samples, mean controllers and global policy, with the two targets; right: the trajectory cost."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"local": "-", "local_mean": "-.", "global_train": "--", "global_test": ":"}
+    for algorithm, r in results.items():
+        x = r["runs"][0]["samples"]
+        for name, ls in styles.items():
+            if name in r["runs"][0]:
+                plot_curve(axes[0], x, [run_[name] for run_ in r["runs"]], label=f"{algorithm} {LABELS[name]}", ls=ls)
+        plot_curve(axes[1], x, [run_["local_cost"] for run_ in r["runs"]], label=f"{algorithm} {LABELS['local']}")
+        if "global_train_cost" in r["runs"][0]:
+            plot_curve(axes[1], x, [run_["global_train_cost"] for run_ in r["runs"]],
+                       label=f"{algorithm} global policy", ls="--")
+    axes[0].axhline(TARGETS["local"], color="k", lw=1, ls=(0, (1, 3)), label="target, local: 0.02")
+    axes[0].axhline(TARGETS["global_train"], color="gray", lw=1, ls=(0, (1, 3)), label="target, global: 0.03")
+    band = ", band 1 s.e." if seeds > 1 else ""
     axes[0].set(yscale="log", xlabel="real env steps (training samples)", ylabel="final fingertip distance",
-                title=f"Reacher-v5: mean of {len(a.seeds)} seeds, band 1 s.e.")
+                title=f"Reacher-v5: mean of {seeds} seed{'s' if seeds > 1 else ''}{band}")
     axes[0].annotate(f"for scale: SAC (rl-zoo) trains {SAC_REFERENCE['steps'] // 1000}k steps on ReacherBullet",
-                     (0.01, 0.01), xycoords="axes fraction", fontsize=7, color="gray")
+                     (0.99, 0.98), xycoords="axes fraction", ha="right", va="top", fontsize=7, color="gray")
+    plain = mticker.FuncFormatter(lambda v, _: f"{v:g}")  # 0.03, not 3 x 10^-2
+    axes[0].yaxis.set_major_formatter(plain)
+    axes[0].yaxis.set_minor_locator(mticker.LogLocator(subs=(2, 3, 5)))
+    axes[0].yaxis.set_minor_formatter(plain)
     axes[1].set(xlabel="real env steps (training samples)", ylabel="trajectory cost",
-                title="cost per iteration")
+                title=f"cost per iteration (mean of {seeds}{band})")
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, out_name)
-    save_results(out_name, {"headline": headline, "results": results, "targets": TARGETS,
-                         "sac_reference": SAC_REFERENCE, "args": vars(a)})
+    return fig
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def plot(table, env_id, seeds, test_tasks, floor=-100.0):
                 ax.annotate(f"{m:.0f}" if np.isfinite(m) else "diverged (NaN)", (x, floor), textcoords="offset points",
                             xytext=(4, 6), fontsize=7, color=line.get_color())
     ax.set(xlabel="number of gradient steps", ylabel="average return", xticks=steps, ylim=(floor - 3, 0),
-           title=f"MAML meta-test, {env_id}\n(mean of {seeds} seeds, band 1 s.e.; {test_tasks} new tasks)")
+           title=f"MAML meta-test, {env_id}\n(mean of {seeds} seed{'s' if seeds > 1 else ''}"
+                 f"{', band 1 s.e.' if seeds > 1 else ''}; {test_tasks} new tasks)")
     ax.legend(fontsize=8)
     return fig
 

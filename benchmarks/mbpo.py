@@ -80,7 +80,12 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, default=None, help="stop each run after this long (partial)")
     p.add_argument("--tag", default="", help="results name suffix: mbpo_<tag>.json")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for algos.mbpo")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the plot of the saved mbpo(_<tag>).json (this run's, else the committed one)")
     a = harness.parse(p, argv)
+    if a.replot:
+        name = "mbpo" + (f"_{a.tag}" if a.tag else "")
+        return save_figure(draw(harness.load_results(name)["results"]), name)
 
     jobs = [(env_id, seed) for env_id in a.envs for seed in a.seeds]
     tmp = Path(tempfile.mkdtemp(prefix="mbpo_bench_"))
@@ -110,20 +115,14 @@ def main(argv=None):
 
     results, headline = {}, []
     envs = [e for e in a.envs if any(k[0] == e for k in done)]
-    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.8), squeeze=False)
-    for ax, env_id in zip(axes[0], envs, strict=True):
+    for env_id in envs:
         runs = [done[(env_id, s)] for s in a.seeds if (env_id, s) in done]
         n = min(len(r["steps"]) for r in runs)
         published, note = PUBLISHED.get(env_id, (None, ""))
         summary = {"runs": runs, "published": published, "published_note": note}
         if n > 0:
             x = np.asarray(runs[0]["steps"][:n])
-            curves = np.asarray([r["eval_return"][:n] for r in runs])
-            plot_curve(ax, x, curves, f"ours: mean of {len(runs)} seeds, band 1 s.e.")
-            for i, r in enumerate(runs):
-                ax.plot(r["steps"], r["eval_return"], lw=0.6, alpha=0.5, color="C0",
-                        label="ours: each seed" if i == 0 else None)
-            finals = curves[:, -1]
+            finals = np.asarray([r["eval_return"][:n] for r in runs])[:, -1]
             wall = float(np.mean([r["wall_seconds"][n - 1] for r in runs]))
             summary.update(final_step=int(x[-1]), **final_mean_std(finals), wall_seconds_mean=wall)
             budget = runs[0]["budget"]
@@ -134,19 +133,39 @@ def main(argv=None):
                              "ours": f"{finals.mean():.0f} +- {summary['final_std']:.0f}",
                              "reference": f"{published:.0f} at {budget // 1000}k ({note})" if published else "",
                              "seeds": len(runs), "wall_seconds": round(wall)})
-        if published:
-            ax.axhline(published, ls="--", color="k", lw=1, label=f"paper at {runs[0]['budget'] // 1000}k")
-        ax.set_title(env_id)
-        ax.set_xlabel("env steps")
-        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
-        ax.xaxis.set_major_locator(mticker.MaxNLocator(5))
-        ax.set_ylabel("eval return")
-        ax.legend(fontsize=8)
         results[env_id] = summary
     name = "mbpo" + (f"_{a.tag}" if a.tag else "")
     save_results(name, {"settings": "paper configs (algos/mbpo.py PAPER_CONFIGS)", "seeds": a.seeds,
                         "results": results, "headline": headline})
-    save_figure(fig, name)
+    save_figure(draw(results), name)
+
+
+def draw(results: dict):
+    """One panel per env: the mean eval curve over seeds with its standard-error band, each seed's curve
+    thin, and the paper's return at its budget as a dashed line."""
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
+    for ax, (env_id, summary) in zip(axes[0], results.items(), strict=True):
+        runs = summary["runs"]
+        n = min(len(r["steps"]) for r in runs)
+        if n > 0:
+            x = np.asarray(runs[0]["steps"][:n])
+            plot_curve(ax, x, np.asarray([r["eval_return"][:n] for r in runs]),
+                       f"ours: mean of {len(runs)} seed{'s' if len(runs) > 1 else ''}"
+                       + (", band 1 s.e." if len(runs) > 1 else ""))
+            for i, r in enumerate(runs if len(runs) > 1 else []):
+                ax.plot(r["steps"], r["eval_return"], lw=0.6, alpha=0.5, color="C0",
+                        label="ours: each seed" if i == 0 else None)
+        if summary.get("published"):
+            ax.axhline(summary["published"], ls="--", color="k", lw=1,
+                       label=f"paper at {runs[0]['budget'] // 1000}k ({summary['published_note']})")
+        ax.set_title(env_id)
+        ax.set_xlabel("env steps")
+        ax.xaxis.set_major_locator(mticker.MaxNLocator(5))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.set_ylabel("eval return (5 episodes)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

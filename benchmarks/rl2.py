@@ -289,19 +289,25 @@ def plot_setting(res: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as mticker
 
     from benchmarks.harness import plot_curve
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.asarray(res["curve"]["env_steps"])
-    plot_curve(ax, x, np.asarray(res["curve"]["eval_trial_reward"]).T, "RL² (ours): mean over seeds", color="k")
+    band = ", band 1 s.e." if res["seeds"] > 1 else ""
+    plot_curve(ax, x, np.asarray(res["curve"]["eval_trial_reward"]).T,
+               f"RL² (ours): mean of {res['seeds']} seed{'s' if res['seeds'] > 1 else ''}{band}", color="k")
     for i, (algo, row) in enumerate(res["table"].items()):
         if algo != "rl2":
             ax.axhline(row["mean"], ls="--", lw=1, color=f"C{i}", label=f"{algo} (ours, same tasks)")
+    if (res.get("duan") or {}).get("rl2") is not None:
+        ax.axhline(res["duan"]["rl2"], ls=":", lw=1.2, color="k", label="RL², Duan et al. 2016 (published)")
+    ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v / 1e6:g}M"))
     ax.set_xlabel("env steps of meta-training (per seed)")
     ax.set_ylabel("total reward per trial")
-    ax.set_title(f"RL², {res['setting']} ({res['seeds']} seeds, band: 1 s.e.)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"RL², {res['setting']}: total reward per trial on new tasks")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: the lines stay visible
     save_figure(fig, f"rl2_{res['setting']}")
     plt.close(fig)
 
@@ -348,7 +354,13 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-trials", type=int, default=2000)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the training steps")
     parser.add_argument("--report", action="store_true", help="only print the markdown tables of saved results")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the plots of the saved rl2_<setting>.json of --settings")
     a = harness.parse(parser, argv)
+    if a.replot:
+        for name in a.settings:
+            plot_setting(harness.load_results(f"rl2_{name}"))
+        return
     if a.report:
         print(markdown_tables())
         return

@@ -141,3 +141,19 @@ def test_report_has_a_help_and_prints_the_table_without_writing(capsys, monkeypa
     monkeypatch.setattr(report, "update_readme", lambda: pytest.fail("--print must not write README.md"))
     report.main(["--print"])
     assert capsys.readouterr().out.startswith("| algorithm | setting |")
+
+
+@pytest.mark.parametrize("name, argv, files", [
+    ("mbpo", ["--replot"], ["mbpo"]),
+    ("gps", ["--replot", "--iterations", "20"], ["gps_20it"]),
+    ("rl2", ["--replot", "--settings", "bandit-5-10"], ["rl2_bandit-5-10"]),
+    ("maml", ["--replot"], ["maml_pointnav2d"]),
+])
+def test_replot_redraws_a_saved_record_into_the_scratch_folder(name, argv, files, dirs):
+    committed = Path(harness.ROOT) / "results"
+    dirs["results"].mkdir()
+    for f in files:
+        (dirs["results"] / f"{f}.json").write_text((committed / f"{f}.json").read_text())
+    importlib.import_module(f"benchmarks.{name}").main(argv)
+    assert sorted(p.name for p in dirs["scratch"].iterdir()) == [f"{f}.png" for f in files]
+    assert not dirs["plots"].exists()

@@ -33,6 +33,13 @@ training count), and eval_every (validation every few passes). ReLU members
 (activation="relu") and a floor on the normaliser's std (std_floor) match their
 networks and running statistics.
 
+MB-MPO's mode (Clavera et al. 2018; jonasrothfuss/model_ensemble_meta_learning
+`sandbox/ours/dynamics/dynamics_ensemble.py`) adds three fields: member_splits
+(each member its own random train/validation split of all rows, the normaliser
+fitted on all rows), stopping="rolling" (a member stops, keeping its current
+weights, once its rolling validation loss rises; persistence rolling_persistence)
+and weight_norm (every dense layer W = g v / ||v||, per output unit).
+
 `sample` draws a next target for every row: a uniformly random elite per row,
 then a draw from that elite's Gaussian.
 
@@ -80,6 +87,10 @@ class EnsembleConfig(NamedTuple):
     score_start: bool = False  # the weights before training are a candidate best (ME-TRPO)
     eval_every: int = 1  # score the holdout (and decide best / stop) every this many epochs
     std_floor: float = 0.0  # normaliser std = max(std, std_floor) (ME-TRPO's running std: 0.1)
+    member_splits: bool = False  # each member its own random holdout_ratio split of all rows (MB-MPO; no max_holdout)
+    stopping: str = "best"  # "best": patience on the best loss, best weights restored; "rolling": MB-MPO's rule
+    rolling_persistence: float = 0.99  # stopping="rolling": avg <- p avg + (1 - p) loss after every epoch
+    weight_norm: bool = False  # weight-normalised dense layers, W = g v / ||v|| (MB-MPO's models)
 
 
 class Normalizer(NamedTuple):
@@ -152,6 +163,20 @@ def denormalize_output(norm: Normalizer, y_normalized):
 # ----------------------------------------------------------------------------
 # One member
 # ----------------------------------------------------------------------------
+class WeightNormDense(nn.Module):
+    """Dense layer with weight normalisation (Salimans & Kingma 2016), as rllab's `weight_normalization`: the
+    kernel is v scaled to norm g in every output column, g initialised to 1 (not data-dependent)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        v = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        g = self.param("scale", nn.initializers.ones, (self.features,))
+        b = self.param("bias", nn.initializers.zeros, (self.features,))
+        return x @ (v * (g / jnp.sqrt(jnp.sum(v ** 2, axis=0)))) + b
+
+
 class Member(nn.Module):
     """MLP, swish (or ReLU) hidden layers. Probabilistic: outputs (mean, logvar)
     with the learned soft bounds of PETS; deterministic: (mean, zeros)."""
@@ -161,14 +186,18 @@ class Member(nn.Module):
     out_dim: int
     probabilistic: bool
     activation: str = "swish"
+    weight_norm: bool = False
 
     @nn.compact
     def __call__(self, x):  # x (B, in_dim), normalised
         act = nn.relu if self.activation == "relu" else nn.swish
-        for _ in range(self.num_layers):
-            x = act(nn.Dense(self.hidden)(x))
+        # Named Dense_i either way, so weight_decay_penalty finds every layer's kernel.
+        dense = (lambda n, i: WeightNormDense(n, name=f"Dense_{i}")) if self.weight_norm else (
+            lambda n, i: nn.Dense(n))
+        for i in range(self.num_layers):
+            x = act(dense(self.hidden, i)(x))
         if not self.probabilistic:
-            mean = nn.Dense(self.out_dim)(x)
+            mean = dense(self.out_dim, self.num_layers)(x)
             return mean, jnp.zeros_like(mean)
         out = nn.Dense(2 * self.out_dim)(x)
         mean, raw = out[..., : self.out_dim], out[..., self.out_dim:]
@@ -180,7 +209,7 @@ class Member(nn.Module):
 
 
 def member_module(cfg: EnsembleConfig) -> Member:
-    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic, cfg.activation)
+    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic, cfg.activation, cfg.weight_norm)
 
 
 def create(cfg: EnsembleConfig, key) -> EnsembleState:
@@ -245,8 +274,12 @@ def member_losses(cfg: EnsembleConfig, params, norm: Normalizer, x, y):
 
 def holdout_mse(cfg: EnsembleConfig, params, norm: Normalizer, x, y, mask):
     """Mean squared error of each member's mean on the holdout rows where mask is
-    1 (in normalised target units): (E,). The elite and early-stopping score."""
-    mean, _ = predict(cfg, params, norm, x)  # (E, H, out)
+    1 (in normalised target units): (E,). The elite and early-stopping score.
+    x (H, in) is every member's holdout; x (E, H, in), y (E, H, out): each its own."""
+    if x.ndim == 3:
+        mean = denormalize_output(norm, apply_members(cfg, params, norm, x)[0])
+    else:
+        mean, _ = predict(cfg, params, norm, x)  # (E, H, out)
     err = jnp.mean(((mean - y) / norm.out_std) ** 2, axis=-1)  # (E, H)
     return jnp.sum(err * mask, -1) / jnp.maximum(mask.sum(), 1.0)
 
@@ -255,7 +288,8 @@ def holdout_mse(cfg: EnsembleConfig, params, norm: Normalizer, x, y, mask):
 # Training
 # ----------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("cfg", "score"))
-def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_loss, data, key, score=True):
+def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_loss, data, key, score=True,
+                active=None):
     """One epoch, one jitted call: shuffle each member's bootstrap indices, then a
     loop over ceil(n_train / batch) minibatches (E members in parallel, each on its
     own rows), then (if score) the holdout MSE; members that improved by more than
@@ -263,7 +297,9 @@ def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_
 
     data: (x (N, in), y (N, out), boot (E, N) int32 bootstrap row indices into the
     first n_train rows, n_train, x_hold (H, in), y_hold (H, out), hold_mask (H,)).
-    N is padded: rows beyond n_train are never used.
+    N is padded: rows beyond n_train are never used. x_hold may be (E, H, in) (one
+    holdout per member, y_hold (E, H, out)). active (E,) bool: members that are False
+    keep their params and Adam moments (stopped members, stopping="rolling").
     """
     x, y, boot, n_train, x_hold, y_hold, hold_mask = data
     n_pad = boot.shape[1]
@@ -287,7 +323,12 @@ def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    start = (params, opt_state)
     params, opt_state = jax.lax.fori_loop(0, num_batches, body, (params, opt_state))
+    if active is not None:  # leaves with a member axis (params, Adam's moments) go back for stopped members
+        keep = lambda new, old: (jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+                                 if new.ndim >= 1 and new.shape[0] == cfg.num_members else new)
+        params, opt_state = jax.tree.map(keep, (params, opt_state), start)
     if not score:
         return params, opt_state, best_params, best_loss, best_loss, jnp.zeros((), bool)
     loss = holdout_mse(cfg, params, norm, x_hold, y_hold, hold_mask)  # (E,)
@@ -319,6 +360,8 @@ def train(cfg: EnsembleConfig, state: EnsembleState, inputs, targets, rng: np.ra
     recompiles `train_epoch` only log2(N) times."""
     inputs, targets = np.asarray(inputs, np.float32), np.asarray(targets, np.float32)
     n = len(inputs)
+    if cfg.member_splits and holdout is None:
+        return _train_member_splits(cfg, state, inputs, targets, rng, max_epochs)
     if holdout is None:
         n_hold = min(int(n * cfg.holdout_ratio), cfg.max_holdout)
         if n - n_hold < 1:
@@ -373,6 +416,85 @@ def train(cfg: EnsembleConfig, state: EnsembleState, inputs, targets, rng: np.ra
     info = {"holdout_mse": np.asarray(losses), "epochs": epoch, "holdout_curve": np.asarray(curve),
             "elite_holdout_mse": float(np.sort(np.asarray(losses))[: cfg.num_elites].mean())}
     return EnsembleState(best_params, opt_state, norm, elites), info
+
+
+def member_splits(n: int, num_members: int, holdout_ratio: float, rng: np.random.Generator):
+    """Each member's own random split of n rows: (train (E, n_train), holdout (E, n - n_train)) row indices,
+    n_train = int(n (1 - holdout_ratio)) (jonasrothfuss/model_ensemble_meta_learning `train_test_split`, called
+    once per member at every fit)."""
+    n_train = int(n * (1 - holdout_ratio))
+    perms = np.stack([rng.permutation(n) for _ in range(num_members)])
+    return perms[:, :n_train], perms[:, n_train:]
+
+
+def rolling_stop(avg, loss, persistence: float):
+    """MB-MPO's per-member stopping rule after an epoch's validation losses (E,): avg <- p avg + (1 - p) loss,
+    and a member stops when its average rose. avg None (the first epoch) starts the average high, 1.5 x the loss
+    with 2 x as its predecessor (/1.5 and /2 for a negative loss), so the first epoch cannot stop a member
+    (jonasrothfuss/model_ensemble_meta_learning `MLPDynamicsEnsemble.fit`). Returns (new avg, stop (E,) bool)."""
+    loss = np.asarray(loss, np.float64)
+    if avg is None:
+        avg, prev = np.where(loss < 0, loss / 1.5, 1.5 * loss), np.where(loss < 0, loss / 2.0, 2.0 * loss)
+    else:
+        prev = avg
+    new = persistence * avg + (1.0 - persistence) * loss
+    return new, prev < new
+
+
+def _train_member_splits(cfg: EnsembleConfig, state: EnsembleState, inputs, targets, rng, max_epochs):
+    """`train` with member_splits: each member trains on its own random (1 - holdout_ratio) of the rows and is
+    scored on the rest; the normaliser is fitted on all rows (shared by the members). stopping="rolling" freezes
+    each member at its own epoch (`rolling_stop`) and keeps its weights then (no restore); "best" keeps each
+    member's best weights and stops after `patience` epochs without an improvement."""
+    n = len(inputs)
+    train_rows, hold_rows = member_splits(n, cfg.num_members, cfg.holdout_ratio, rng)
+    n_train = train_rows.shape[1]
+    if n_train < 1 or hold_rows.shape[1] < 1:
+        raise ValueError(f"need training and validation rows for every member, got {n} rows")
+    norm = fit_normalizer(inputs, targets, cfg.normalize_outputs, cfg.std_floor)
+    n_pad = 1 << int(np.ceil(np.log2(max(n, cfg.batch_size))))
+    h = hold_rows.shape[1]
+    h_pad = 1 << int(np.ceil(np.log2(h)))
+    boot = np.zeros((cfg.num_members, n_pad), np.int32)
+    boot[:, :n_train] = train_rows  # indices into all n rows: every member its own training rows
+    pad_idx = np.zeros((cfg.num_members, h_pad), np.int64)
+    pad_idx[:, :h] = hold_rows
+    mask = np.zeros(h_pad, np.float32)
+    mask[:h] = 1.0
+    data = (jnp.asarray(_pad_rows(inputs, n_pad)), jnp.asarray(_pad_rows(targets, n_pad)), jnp.asarray(boot),
+            jnp.int32(n_train), jnp.asarray(inputs[pad_idx]), jnp.asarray(targets[pad_idx]), jnp.asarray(mask))
+    params, opt_state = state.params, state.opt_state
+    best_params, best_loss = params, jnp.full((cfg.num_members,), 1e10, dtype=jnp.float32)
+    active = np.ones(cfg.num_members, bool)
+    stopped_at = np.full(cfg.num_members, -1)
+    key = jax.random.PRNGKey(int(rng.integers(2 ** 31)))
+    epoch, since_update, curve, avg = 0, 0, [], None
+    while max_epochs is None or epoch < max_epochs:
+        key, sub = jax.random.split(key)
+        params, opt_state, best_params, best_loss, loss, improved = train_epoch(
+            cfg, params, opt_state, norm, best_params, best_loss, data, sub, score=True, active=jnp.asarray(active))
+        curve.append(loss)
+        if cfg.stopping == "rolling":
+            avg, stop = rolling_stop(avg, loss, cfg.rolling_persistence)
+            newly = active & (stop | (max_epochs is not None and epoch == max_epochs - 1))
+            stopped_at[newly] = epoch
+            active = active & ~newly
+            epoch += 1
+            if not active.any():
+                break
+        else:
+            epoch += 1
+            since_update = 0 if bool(improved) else since_update + 1
+            if since_update > cfg.patience:
+                break
+    final = params if cfg.stopping == "rolling" else best_params
+    losses = holdout_mse(cfg, final, norm, data[4], data[5], data[6])
+    elites = jnp.argsort(losses)[: cfg.num_elites].astype(jnp.int32)
+    stopped_at[stopped_at < 0] = epoch - 1
+    info = {"holdout_mse": np.asarray(losses), "epochs": epoch, "holdout_curve": np.asarray(curve),
+            "member_epochs": stopped_at + 1, "train_rows": train_rows, "holdout_rows": hold_rows,
+            "elite_holdout_mse": float(np.sort(np.asarray(losses))[: cfg.num_elites].mean())}
+    return EnsembleState(final, opt_state, norm, elites), info
 
 
 # ----------------------------------------------------------------------------

@@ -87,12 +87,14 @@ def help_text(doc: str | None, name: str | None = None) -> str | None:
     return "\n".join(out)
 
 
-def mujoco_log_to(folder: str | Path) -> Path:
+def mujoco_log_to(folder: str | Path, create: bool = True) -> Path:
     """Send MuJoCo's own log (its compiler's deprecation warnings, e.g. for
     HalfCheetah's `settotalmass`) to folder/MUJOCO_LOG.TXT instead of the
-    working directory's MUJOCO_LOG.TXT; the folder is created."""
+    working directory's MUJOCO_LOG.TXT. With create=False the folder is not
+    made: until it exists MuJoCo writes no file (the warning still goes to stderr)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     config = mujoco.MjLogConfig.get()
     config.logfile = str(folder / "MUJOCO_LOG.TXT")
     config.set()
@@ -122,7 +124,8 @@ def cli(args_cls: type, main: Callable[[Any], Any], argv: list[str] | None = Non
     check_common(args)
     if args.resume:
         args = resume_args(args)
-    mujoco_log_to(args.resume or "runs")  # beside the run directories, not in the working directory
+    # beside the run directories, not in the working directory; runs/ itself is made by Run, after validation
+    mujoco_log_to(args.resume or "runs", create=False)
     try:
         return main(args)
     except SystemExit:

@@ -77,4 +77,5 @@ def test_cli_sends_mujocos_log_beside_the_runs(tmp_path, monkeypatch, restore_mu
 
     monkeypatch.chdir(tmp_path)
     seen = cli(dyna_q.Args, lambda args: mujoco.MjLogConfig.get().logfile, argv=[])
-    assert Path(seen) == Path("runs") / "MUJOCO_LOG.TXT" and (tmp_path / "runs").is_dir()
+    assert Path(seen) == Path("runs") / "MUJOCO_LOG.TXT"
+    assert not (tmp_path / "runs").exists()  # made by Run only, after the input checks

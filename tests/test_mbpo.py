@@ -267,7 +267,7 @@ TINY = ["--eval-episodes", "1", "--rollout-batch-size", "250", "--model-max-epoc
     (["--batch-size", "20000"], "1000 real rows per minibatch, more than the 500 real rows"),
     (["--rollout-batch-size", "100"], "244 model rows per minibatch, more than the 100"),
     (["--epoch-length", "100"], "D_model would hold 40000 rows"),
-    (["--rollout-batch-size", "1000000", "--model-retain-epochs", "1000"],
+    (["--rollout-batch-size", "1000000", "--model-retain-epochs", "1000", "--total-timesteps", "10000"],
      "D_env + D_model (10000 + 1000000000 rows) needs about"),
     (["--env-id", "CartPole-v1"], "needs a continuous (Box) action space"),
     (["--env-id", "Hoper-v5"], "unknown env id"),

@@ -20,10 +20,11 @@ Settings (`--setting`):
            models, 20 tasks x 50 trajectories, 30 meta steps, 500 model epochs; runs unchanged on a GPU
            (jax[cuda]); on this CPU only `--speed` (the cost per meta step) is practical.
 
-`--speed` instead times, in this process, one jitted meta step of the chosen setting and its imagined sampling
-alone, and reports seconds per call and the sampling's achieved GFLOP/s (counted from the layer sizes: M N T rows
-through the model and the policy) against the XLA fp32 matmul rate it measures here (pin it to one core:
-`taskset -c 0`).
+`--speed` instead times, in this process, one jitted meta step of the chosen setting, its imagined sampling
+alone and one model epoch on the run's largest buffer, and reports seconds per call (and the resulting upper
+bound on an iteration: meta steps x step + max epochs x epoch) and the sampling's achieved GFLOP/s (counted
+from the layer sizes: M N T rows through the model and the policy) against the XLA fp32 matmul rate it
+measures here (pin it to one core: `taskset -c 0`).
 
 Run:
     python -m benchmarks.mb_mpo --quick                          # 1 seed, 8k steps, a few minutes
@@ -242,6 +243,17 @@ def speed(a) -> None:
     step = timed_call(m.meta_step, (task, cfg, policy, args, theta, model, pool, key), a.reps)
     res["meta_step"] = {"seconds": step, "imagined_steps": 2 * rows,
                         "sampling_share": 2 * sec / step}
+    # one model epoch on the largest D of the run (min(total steps, buffer) rows), random data of the right shape
+    rows_d = min(args.total_timesteps, args.buffer_size)
+    data_rng = np.random.default_rng(0)
+    xd = data_rng.normal(size=(rows_d, cfg.in_dim)).astype(np.float32)
+    yd = data_rng.normal(size=(rows_d, cfg.out_dim)).astype(np.float32)
+    ens.train(cfg, model, xd, yd, np.random.default_rng(0), max_epochs=1)  # compile
+    tic = time.perf_counter()
+    ens.train(cfg, model, xd, yd, np.random.default_rng(0), max_epochs=2)
+    res["model_epoch"] = {"seconds": (time.perf_counter() - tic) / 2, "rows": rows_d}
+    res["iteration_upper_bound_seconds"] = args.meta_steps * step + args.model_max_epochs * res["model_epoch"][
+        "seconds"]
     size = 2048
     x = jax.random.normal(key, (size, size), jnp.float32)
     peak = 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10) / 1e9
@@ -251,9 +263,13 @@ def speed(a) -> None:
           f"{2 * sec / step:.0%} of it); one sampling {sec * 1000:.0f} ms, {rows * per_row / 1e9:.2f} GFLOP, "
           f"{res['sampling']['gflop_per_s']:.1f} GFLOP/s = {res['sampling']['fraction_of_matmul']:.0%} of the XLA "
           f"fp32 matmul rate here ({peak:.1f} GFLOP/s, {jax.devices()[0].device_kind}, "
-          f"{len(os.sched_getaffinity(0))} core(s) allowed)", flush=True)
+          f"{len(os.sched_getaffinity(0))} core(s) allowed); a model epoch on {rows_d:,} rows "
+          f"{res['model_epoch']['seconds']:.2f} s, so an iteration takes at most {args.meta_steps} x "
+          f"{step:.2f} + {args.model_max_epochs} x {res['model_epoch']['seconds']:.2f} = "
+          f"{res['iteration_upper_bound_seconds']:.0f} s", flush=True)
     harness.save_results(a.name + "_speed", {"setting": a.setting, "args": {k: getattr(args, k) for k in (
-        "horizon", "model_hidden", "meta_batch", "trajectories_per_task", "meta_steps", "ensemble_size")},
+        "horizon", "model_hidden", "meta_batch", "trajectories_per_task", "meta_steps", "ensemble_size",
+        "model_max_epochs", "total_timesteps")},
         "results": res})
 
 

@@ -141,7 +141,8 @@ class Args(CommonArgs):
     max_policy_iters: int = 400
     """[3] cap on policy iterations per outer iteration"""
     stopping_rule: bool = True
-    """[6] the authors' stopping rule (--no-stopping-rule: run max_policy_iters iterations, keep the last)"""
+    """[6] the authors' stopping rule (--no-stopping-rule: every check passes; max_policy_iters iterations, and
+    the policy of the last check is kept, as the authors' mode no_early restores the last saved policy)"""
     check_every: int = 5
     """[6] iterations between validation checks"""
     policy_patience: int = 25
@@ -257,9 +258,10 @@ def imagine(task: Task, cfg: ens.EnsembleConfig, policy: Policy, params, model, 
         mean, log_std = policy.apply(params, obs[:, task.dims.skip:])
         action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
         next_obs, reward, done = model_step(task, cfg, model, obs, action, k_model)
-        # A finished trajectory stays at its last state, so the model never follows it into states that could
-        # overflow, and where() (not * 0, which turns inf into NaN) keeps its rewards exactly zero.
-        next_obs = jnp.where(alive[:, None], next_obs, obs)
+        # A finished trajectory stays at the last state it was alive in (not the state that ended it, which may
+        # be non-finite: InvertedPendulum's termination checks for that), so nothing downstream sees inf; where()
+        # (not * 0, which turns inf into NaN) keeps its rewards exactly zero.
+        next_obs = jnp.where((alive & ~done)[:, None], next_obs, obs)
         return (next_obs, alive & ~done), (obs, action, jnp.where(alive, reward, 0.0), alive)
 
     _, (obs, action, reward, alive) = jax.lax.scan(step, (starts, jnp.ones(starts.shape[0], bool)),
@@ -283,7 +285,7 @@ def per_model_returns(task: Task, cfg: ens.EnsembleConfig, policy: Policy, param
         if task.reward_clip is not None:
             reward = jnp.clip(reward, -task.reward_clip, task.reward_clip)
         done = jax.vmap(jax.vmap(task.term_fn))(obs, env_a, next_obs)
-        next_obs = jnp.where(alive[..., None], next_obs, obs)  # finished trajectories stay put (see imagine)
+        next_obs = jnp.where((alive & ~done)[..., None], next_obs, obs)  # finished ones stay put (see imagine)
         return (next_obs, alive & ~done, ret + jnp.where(alive, gamma ** t * reward, 0.0)), None
 
     init = (obs0, jnp.ones(obs0.shape[:2], bool), jnp.zeros(obs0.shape[:2]))
@@ -293,6 +295,15 @@ def per_model_returns(task: Task, cfg: ens.EnsembleConfig, policy: Policy, param
 # ----------------------------------------------------------------------------
 # [5] TRPO on the imagined batch (rllab's TRPO with the authors' settings)
 # ----------------------------------------------------------------------------
+def valid_only(batch: Batch) -> Batch:
+    """Zeros at the steps after a trajectory ended (where(), so that even non-finite values there cannot leak
+    into sums, products or gradients as NaN = inf x 0)."""
+    keep = batch.mask > 0
+    return batch._replace(obs=jnp.where(keep[..., None], batch.obs, 0.0),
+                          action=jnp.where(keep[..., None], batch.action, 0.0),
+                          reward=jnp.where(keep, batch.reward, 0.0))
+
+
 def discounted_returns(reward, mask, gamma):
     """R_t = sum_{t' >= t} gamma^(t' - t) r_t' along axis 1 (masked steps carry zero reward)."""
 
@@ -324,6 +335,7 @@ def advantages(batch: Batch, skip: int, baseline_w, gamma: float):
     """A = R - b(s, t), b the baseline fitted on the PREVIOUS batch (rllab predicts before it refits), then
     centred to mean 0, std 1 over the valid steps (rllab's center_adv). Returns A (N, T) and the refitted
     baseline weights."""
+    batch = valid_only(batch)
     ret = discounted_returns(batch.reward, batch.mask, gamma)
     feats = baseline_features(batch.obs[..., skip:], batch.mask)
     adv = (ret - feats @ baseline_w) * batch.mask
@@ -351,6 +363,7 @@ def conjugate_gradient(matvec, b, iters: int, tol: float = 1e-10):
 def trpo_step(policy: Policy, params, batch: Batch, adv, skip: int, args: Args):
     """One natural-gradient step on the surrogate S = mean ratio A with a KL-checked line search."""
     flat, unravel = ravel_pytree(params)
+    batch, adv = valid_only(batch), jnp.where(batch.mask > 0, adv, 0.0)
     obs, n = batch.obs[..., skip:], jnp.maximum(batch.mask.sum(), 1.0)
     mean_old, log_std_old = jax.lax.stop_gradient(policy.apply(params, obs))
     logp_old = gaussian_log_prob(mean_old, log_std_old, batch.action)

@@ -19,7 +19,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from common.command_line import mujoco_log_to  # noqa: E402
 
-mujoco_log_to(tempfile.mkdtemp(prefix="mujoco_log_"))
+MUJOCO_LOG_DIR = tempfile.mkdtemp(prefix="mujoco_log_")
+mujoco_log_to(MUJOCO_LOG_DIR)
+
+
+@pytest.fixture(autouse=True)
+def _mujoco_log_stays_in_the_temp_folder():
+    """A test that goes through cli() points MuJoCo's log at runs/ (relative): put it back, so that a later
+    test compiling a MuJoCo model from the repository root does not write runs/MUJOCO_LOG.TXT there."""
+    yield
+    mujoco_log_to(MUJOCO_LOG_DIR)
 
 # Tests that train for several seconds: the it-learns tests, kill -9 + resume, smoke
 # runs through the real entry point and the one-file copies. `-m "not slow"` leaves them out.

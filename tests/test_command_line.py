@@ -72,10 +72,15 @@ def test_mujoco_log_goes_to_the_given_folder_not_the_working_directory(tmp_path,
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
 
 
-def test_cli_sends_mujocos_log_beside_the_runs(tmp_path, monkeypatch, restore_mujoco_log):
+def test_cli_sends_mujocos_log_beside_the_runs(tmp_path, monkeypatch):
     from algos import dyna_q
 
     monkeypatch.chdir(tmp_path)
     seen = cli(dyna_q.Args, lambda args: mujoco.MjLogConfig.get().logfile, argv=[])
     assert Path(seen) == Path("runs") / "MUJOCO_LOG.TXT"
     assert not (tmp_path / "runs").exists()  # made by Run only, after the input checks
+
+
+def test_after_a_cli_test_the_log_is_back_in_the_temp_folder():
+    # runs after test_cli_sends_mujocos_log_beside_the_runs (file order): conftest's autouse fixture reset it
+    assert Path(mujoco.MjLogConfig.get().logfile).parent.name.startswith("mujoco_log_")

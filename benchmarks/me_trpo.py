@@ -165,7 +165,7 @@ def summarise(a, done: dict) -> None:
                                   "common_step": int(x[common - 1]), "at_common_step": at.tolist(),
                                   "common_mean": float(at.mean()), "common_min": float(at.min()),
                                   "common_max": float(at.max())}
-            headline.append({"algorithm": f"ME-TRPO ({LABELS[v]})",
+            headline.append({"algorithm": "ME-TRPO" if v == "me_trpo" else f"ME-TRPO ablation: {LABELS[v]}",
                              "setting": f"{env_id} T={CPU_SETTING['horizon'] if a.setting == 'cpu' else 'paper'}, "
                                         f"{int(x[common - 1]) // 1000}k steps ({a.setting} setting)",
                              "metric": "eval return (5 episodes of T steps, deterministic), mean over seeds",

@@ -239,8 +239,9 @@ def imagine(task: Task, cfg: ens.EnsembleConfig, policy: Policy, params, member,
         env_a = task.to_env(action)
         reward = jax.vmap(task.reward_fn)(obs, env_a, next_obs)
         done = jax.vmap(task.term_fn)(obs, env_a, next_obs)
-        # A finished trajectory stays where it ended, and where() (not * 0) keeps its rewards exactly zero.
-        next_obs = jnp.where(alive[:, None], next_obs, obs)
+        # A finished trajectory stays at the last state it was alive in (not the state that ended it, which may
+        # be far out), the model never runs on drifting states, and where() (not * 0) keeps its rewards zero.
+        next_obs = jnp.where((alive & ~done)[:, None], next_obs, obs)
         out = (obs, action, jnp.where(alive, reward, 0.0), alive, gaussian_log_prob(mean, log_std, action))
         return (next_obs, alive & ~done), out
 

@@ -205,7 +205,9 @@ def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
 
 
 def masked_mean(x, mask):
-    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    """Mean of x over the valid steps; where() (not x * mask) so that a non-finite value after an ending (an
+    overflowing ratio, say) cannot turn the sum into NaN."""
+    return jnp.where(mask > 0, x, 0.0).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 # ----------------------------------------------------------------------------

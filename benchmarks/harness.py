@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -226,3 +227,97 @@ def save_figure(fig, name: str) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"wrote {_shown(path)}", flush=True)
     return path
+
+
+# ----------------------------------------------------------------------------
+# Running an algorithm's script many times, each process pinned to one core
+# ----------------------------------------------------------------------------
+def as_flags(fields: dict) -> list[str]:
+    """{"total_timesteps": 3000} -> ["--total-timesteps", "3000"]."""
+    out = []
+    for k, v in fields.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def launch_pinned(module: str, flags: list[str], core: int, workdir: Path) -> subprocess.Popen:
+    """`python -m <module> <flags>` in workdir (its runs/ lands there, output in log.txt), one BLAS thread, pinned
+    to the core-th allowed core, so that side-by-side runs do not share a core."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT.parent), OPENBLAS_NUM_THREADS="1",
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "log.txt", "w")
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pin = (lambda: os.sched_setaffinity(0, {cores[core % len(cores)]})) if cores else None
+    return subprocess.Popen([sys.executable, "-m", module, *flags], cwd=workdir, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=pin)
+
+
+def read_curve(workdir: Path, keys: dict[str, str]) -> dict:
+    """The run's metrics.jsonl as lists: "steps" and, for each name -> metric key in `keys`, its values."""
+    files = list(Path(workdir).glob("runs/*/metrics.jsonl"))
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+    return {"steps": [r["global_step"] for r in rows], **{k: [r.get(v) for r in rows] for k, v in keys.items()}}
+
+
+def run_pinned(jobs: dict, module: str, parallel: int, max_minutes: float | None, keys: dict[str, str],
+               prefix: str, on_done=None) -> dict:
+    """Run every job (name -> (flags, record)) as `python -m module`, `parallel` at a time on cores 0, 1, ...;
+    a run still going after max_minutes is killed and keeps the curve it logged (partial). Returns name ->
+    record + {"finished", "returncode", curve (read_curve), "log_tail"}; on_done(done) after every run."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    print(f"runs in {tmp} ({len(jobs)} jobs, {parallel} at a time)", flush=True)
+    todo, running, done, free = list(jobs), {}, {}, list(range(parallel))
+    while todo or running:
+        while todo and free:
+            name, core = todo.pop(0), free.pop(0)
+            wd = tmp / "_".join(map(str, name if isinstance(name, tuple) else (name,)))
+            running[name] = (launch_pinned(module, jobs[name][0], core, wd), time.time(), wd, core)
+        time.sleep(2)
+        for name, (proc, start, wd, core) in list(running.items()):
+            over = max_minutes is not None and time.time() - start > 60 * max_minutes
+            if proc.poll() is None and not over:
+                continue
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            curve = read_curve(wd, keys)
+            done[name] = {**jobs[name][1], "finished": proc.returncode == 0, "returncode": proc.returncode, **curve,
+                          "log_tail": (wd / "log.txt").read_text()[-600:]}
+            last = curve["eval_return"][-1] if curve.get("eval_return") else float("nan")
+            print(f"{name}: {'done' if proc.returncode == 0 else 'stopped (partial)'} at step "
+                  f"{curve['steps'][-1] if curve['steps'] else 0}, eval return {last:.1f}, "
+                  f"{time.time() - start:.0f} s", flush=True)
+            del running[name]
+            free.append(core)
+            if on_done is not None:
+                on_done(done)
+    return done
+
+
+# ----------------------------------------------------------------------------
+# Speed: FLOPs from layer sizes, timing a jitted call, this machine's matmul rate
+# ----------------------------------------------------------------------------
+def mlp_flops(sizes) -> float:
+    """Multiply-adds x 2 of one forward pass of a dense net with these layer sizes, per row."""
+    return 2.0 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=False))
+
+
+def timed_call(fn, args, reps: int, **kwargs) -> float:
+    """Seconds per call of fn(*args, **kwargs), compiled first, results waited for."""
+    import jax
+
+    jax.block_until_ready(fn(*args, **kwargs))  # compile
+    tic = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(fn(*args, **kwargs))
+    return (time.perf_counter() - tic) / reps
+
+
+def matmul_rate(size: int = 2048) -> float:
+    """XLA's fp32 size x size matmul rate here, GFLOP/s: the limit a compute-bound phase is held against."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    return 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10) / 1e9

@@ -40,9 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -69,61 +66,17 @@ def setting_fields(setting: str) -> dict:
 
 
 def flags(setting: str) -> list[str]:
-    out = []
-    for k, v in setting_fields(setting).items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out + ["--eval-episodes", "5"]
-
-
-def launch(cmd_flags: list[str], seed: int, core: int, workdir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "algos.mb_mpo", *cmd_flags, "--seed", str(seed), "--exp-name", "bench"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "log.txt", "w")
-    cores = sorted(os.sched_getaffinity(0))
-    pin = (lambda: os.sched_setaffinity(0, {cores[core % len(cores)]})) if hasattr(os, "sched_setaffinity") else None
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
-
-
-def read_curve(workdir: Path) -> dict:
-    files = list(workdir.glob("runs/*/metrics.jsonl"))
-    rows = [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
-    keys = {"eval_return": "eval/return", "adapted_return": "train/episode_return",
-            "post_update_imagined": "meta/return/post_update", "model_epochs": "model/epochs",
-            "wall_seconds": "time", "meta_step_seconds": "time/meta_step", "model_seconds": "time/model_train"}
-    return {"steps": [r["global_step"] for r in rows], **{k: [r.get(v) for r in rows] for k, v in keys.items()}}
+    return harness.as_flags(setting_fields(setting)) + ["--eval-episodes", "5"]
 
 
 def run_curves(a) -> dict:
-    jobs = list(a.seeds)
-    tmp = Path(tempfile.mkdtemp(prefix="mb_mpo_bench_"))
-    print(f"runs in {tmp} ({len(jobs)} seeds, {a.parallel} at a time)", flush=True)
-    running, done, free = {}, {}, list(range(a.parallel))
-    while jobs or running:
-        while jobs and free:
-            seed, core = jobs.pop(0), free.pop(0)
-            wd = tmp / f"seed{seed}"
-            extra = flags(a.setting) + (["--total-timesteps", str(a.steps)] if a.steps else [])
-            running[seed] = (launch(extra, seed, core, wd), time.time(), wd, core)
-        time.sleep(2)
-        for seed, (proc, start, wd, core) in list(running.items()):
-            over = a.max_minutes is not None and time.time() - start > 60 * a.max_minutes
-            if proc.poll() is None and not over:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            curve = read_curve(wd)
-            done[seed] = {"seed": seed, "finished": proc.returncode == 0, "returncode": proc.returncode, **curve,
-                          "log_tail": (wd / "log.txt").read_text()[-600:]}
-            last = curve["eval_return"][-1] if curve["eval_return"] else float("nan")
-            print(f"seed {seed}: {'done' if proc.returncode == 0 else 'stopped (partial)'} at step "
-                  f"{curve['steps'][-1] if curve['steps'] else 0}, eval return {last:.1f}, "
-                  f"{time.time() - start:.0f} s", flush=True)
-            del running[seed]
-            free.append(core)
-            harness.save_results(a.name + "_partial", {"setting": a.setting, "runs": list(done.values())})
-    return done
+    jobs = {s: (flags(a.setting) + ["--seed", str(s), "--exp-name", "bench"]
+                + (["--total-timesteps", str(a.steps)] if a.steps else []), {"seed": s}) for s in a.seeds}
+    keys = {"eval_return": "eval/return", "adapted_return": "train/episode_return",
+            "post_update_imagined": "meta/return/post_update", "model_epochs": "model/epochs",
+            "wall_seconds": "time", "meta_step_seconds": "time/meta_step", "model_seconds": "time/model_train"}
+    save = lambda done: harness.save_results(a.name + "_partial", {"setting": a.setting, "runs": list(done.values())})
+    return harness.run_pinned(jobs, "algos.mb_mpo", a.parallel, a.max_minutes, keys, "mb_mpo_bench_", save)
 
 
 def me_trpo_runs() -> list[dict] | None:
@@ -197,21 +150,6 @@ def summarise(a, done: dict) -> None:
     harness.save_figure(fig, a.name)
 
 
-def mlp_flops(sizes) -> float:
-    """Multiply-adds x 2 of one forward pass of a dense net with these layer sizes, per row."""
-    return 2.0 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=False))
-
-
-def timed_call(fn, args, reps: int, **kw) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args, **kw))  # compile
-    tic = time.perf_counter()
-    for _ in range(reps):
-        jax.block_until_ready(fn(*args, **kw))
-    return (time.perf_counter() - tic) / reps
-
-
 def speed(a) -> None:
     """Seconds per jitted meta step ([3]-[6]) and per imagined sampling ([3] alone: M N trajectories of T steps,
     one per task's own model, with advantages), and the sampling's GFLOP/s from the layer sizes (XLA's cost
@@ -234,13 +172,13 @@ def speed(a) -> None:
     model = model._replace(norm=model.norm._replace(out_std=0.01 * model.norm.out_std))
     pool = jnp.asarray(m.draw_starts(env, 1000))
     rows = args.meta_batch * args.trajectories_per_task * dims.horizon
-    per_row = mlp_flops([cfg.in_dim, cfg.hidden, cfg.hidden, cfg.out_dim]) + mlp_flops(
+    per_row = harness.mlp_flops([cfg.in_dim, cfg.hidden, cfg.hidden, cfg.out_dim]) + harness.mlp_flops(
         [dims.obs_dim - dims.skip, args.policy_hidden, args.policy_hidden, dims.act_dim])
     sample = jax.jit(m.imagine_tasks, static_argnums=(0, 1, 2, 3), static_argnames=("per_task",))
     res = {"rows_per_sampling": rows, "gflop_per_sampling": rows * per_row / 1e9}
-    sec = timed_call(sample, (task, cfg, policy, args, theta, model, pool, key), a.reps, per_task=False)
+    sec = harness.timed_call(sample, (task, cfg, policy, args, theta, model, pool, key), a.reps, per_task=False)
     res["sampling"] = {"seconds": sec, "gflop_per_s": rows * per_row / 1e9 / sec}
-    step = timed_call(m.meta_step, (task, cfg, policy, args, theta, model, pool, key), a.reps)
+    step = harness.timed_call(m.meta_step, (task, cfg, policy, args, theta, model, pool, key), a.reps)
     res["meta_step"] = {"seconds": step, "imagined_steps": 2 * rows,
                         "sampling_share": 2 * sec / step}
     # one model epoch on the largest D of the run (min(total steps, buffer) rows), random data of the right shape
@@ -254,10 +192,7 @@ def speed(a) -> None:
     res["model_epoch"] = {"seconds": (time.perf_counter() - tic) / 2, "rows": rows_d}
     res["iteration_upper_bound_seconds"] = args.meta_steps * step + args.model_max_epochs * res["model_epoch"][
         "seconds"]
-    size = 2048
-    x = jax.random.normal(key, (size, size), jnp.float32)
-    peak = 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10) / 1e9
-    res["matmul_gflop_per_s"] = peak
+    peak = res["matmul_gflop_per_s"] = harness.matmul_rate()
     res["sampling"]["fraction_of_matmul"] = res["sampling"]["gflop_per_s"] / peak
     print(f"{args.env_id} {a.setting}: meta step {step:.2f} s ({2 * rows:,} imagined steps, sampling "
           f"{2 * sec / step:.0%} of it); one sampling {sec * 1000:.0f} ms, {rows * per_row / 1e9:.2f} GFLOP, "

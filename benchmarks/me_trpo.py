@@ -40,10 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import matplotlib
@@ -80,63 +76,19 @@ def setting_fields(setting: str, env_id: str) -> dict:
 
 def flags(setting: str, env_id: str) -> list[str]:
     cfg = setting_fields(setting, env_id)
-    out = []
-    for k, v in cfg.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out + ["--eval-interval", str(cfg["steps_per_iteration"]), "--eval-episodes", "5"]
-
-
-def launch(cmd_flags: list[str], seed: int, core: int, workdir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "algos.me_trpo", *cmd_flags, "--seed", str(seed), "--exp-name", "bench"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "log.txt", "w")
-    cores = sorted(os.sched_getaffinity(0))
-    pin = (lambda: os.sched_setaffinity(0, {cores[core % len(cores)]})) if hasattr(os, "sched_setaffinity") else None
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
-
-
-def read_curve(workdir: Path) -> dict:
-    files = list(workdir.glob("runs/*/metrics.jsonl"))
-    rows = [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
-    keys = {"eval_return": "eval/return", "policy_iterations": "policy/iterations",
-            "model_passes": "model/passes", "wall_seconds": "time"}
-    return {"steps": [r["global_step"] for r in rows], **{k: [r.get(v) for r in rows] for k, v in keys.items()}}
+    return harness.as_flags(cfg) + ["--eval-interval", str(cfg["steps_per_iteration"]), "--eval-episodes", "5"]
 
 
 def run_curves(a) -> dict:
-    jobs = [(env_id, v, s) for env_id in a.envs for v in a.variants for s in a.seeds]
-    tmp = Path(tempfile.mkdtemp(prefix="me_trpo_bench_"))
-    print(f"runs in {tmp} ({len(jobs)} jobs, {a.parallel} at a time)", flush=True)
-    running, done, free = {}, {}, list(range(a.parallel))
-    while jobs or running:
-        while jobs and free:
-            job = jobs.pop(0)
-            wd = tmp / "_".join(map(str, job))
-            core = free.pop(0)
-            extra = flags(a.setting, job[0]) + VARIANTS[job[1]] + (["--total-timesteps", str(a.steps)]
-                                                                  if a.steps else [])
-            running[job] = (launch(extra, job[2], core, wd), time.time(), wd, core)
-        time.sleep(2)
-        for job, (proc, start, wd, core) in list(running.items()):
-            over = a.max_minutes is not None and time.time() - start > 60 * a.max_minutes
-            if proc.poll() is None and not over:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            curve = read_curve(wd)
-            done[job] = {"env_id": job[0], "variant": job[1], "seed": job[2], "finished": proc.returncode == 0,
-                         "returncode": proc.returncode, **curve, "log_tail": (wd / "log.txt").read_text()[-600:]}
-            last = curve["eval_return"][-1] if curve["eval_return"] else float("nan")
-            print(f"{job[0]} {job[1]} seed {job[2]}: {'done' if proc.returncode == 0 else 'stopped'} at step "
-                  f"{curve['steps'][-1] if curve['steps'] else 0}, eval return {last:.1f}, "
-                  f"{time.time() - start:.0f} s", flush=True)
-            del running[job]
-            free.append(core)
-            # partial results after every finished run, so a stopped benchmark keeps what it measured
-            harness.save_results(a.name + "_partial", {"setting": a.setting, "runs": list(done.values())})
-    return done
+    jobs = {(env_id, v, s): (flags(a.setting, env_id) + VARIANTS[v] + ["--seed", str(s), "--exp-name", "bench"]
+                             + (["--total-timesteps", str(a.steps)] if a.steps else []),
+                             {"env_id": env_id, "variant": v, "seed": s})
+            for env_id in a.envs for v in a.variants for s in a.seeds}
+    keys = {"eval_return": "eval/return", "policy_iterations": "policy/iterations", "model_passes": "model/passes",
+            "wall_seconds": "time"}
+    # partial results after every finished run, so a stopped benchmark keeps what it measured
+    save = lambda done: harness.save_results(a.name + "_partial", {"setting": a.setting, "runs": list(done.values())})
+    return harness.run_pinned(jobs, "algos.me_trpo", a.parallel, a.max_minutes, keys, "me_trpo_bench_", save)
 
 
 def summarise(a, done: dict) -> None:
@@ -198,21 +150,6 @@ def summarise(a, done: dict) -> None:
     harness.save_figure(fig, a.name)
 
 
-def mlp_flops(sizes) -> float:
-    """Multiply-adds x 2 of one forward pass of a dense net with these layer sizes, per row."""
-    return 2.0 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=False))
-
-
-def timed_call(fn, args, reps: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile
-    tic = time.perf_counter()
-    for _ in range(reps):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - tic) / reps
-
-
 def speed(a) -> None:
     """Seconds per jitted call of each imagined-side phase, and the achieved GFLOP/s of the model-bound ones.
     FLOPs are counted from the layer sizes (XLA's cost analysis counts a scan's body once, not per step):
@@ -243,7 +180,7 @@ def speed(a) -> None:
         adv_fn = jax.jit(m.advantages, static_argnums=(1, 3))
         adv, _ = adv_fn(batch, dims.skip, w, args.gamma)
         step_fn = jax.jit(m.trpo_step, static_argnums=(0, 4, 5))
-        per_row = mlp_flops([cfg.in_dim, cfg.hidden, cfg.hidden, cfg.out_dim]) + mlp_flops(
+        per_row = harness.mlp_flops([cfg.in_dim, cfg.hidden, cfg.hidden, cfg.out_dim]) + harness.mlp_flops(
             [dims.obs_dim - dims.skip, args.policy_hidden, args.policy_hidden, dims.act_dim])
         phases = {
             "sampling": (sample, (task, cfg, policy, params, model, starts, key), n * dims.horizon * per_row),
@@ -255,20 +192,17 @@ def speed(a) -> None:
         }
         res = {}
         for name, (fn, call_args, flops) in phases.items():
-            sec = timed_call(fn, call_args, a.reps)
+            sec = harness.timed_call(fn, call_args, a.reps)
             res[name] = {"seconds": sec}
             line = f"{env_id} {a.setting} {name}: {sec * 1000:.1f} ms"
             if flops is not None:
                 res[name].update(gflop=flops / 1e9, gflop_per_s=flops / 1e9 / sec)
                 line += f", {flops / 1e9:.2f} GFLOP, {flops / 1e9 / sec:.1f} GFLOP/s"
             print(line, flush=True)
-        size = 2048
-        x = jax.random.normal(key, (size, size), jnp.float32)
-        peak = 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10) / 1e9
-        res["matmul_gflop_per_s"] = peak
+        peak = res["matmul_gflop_per_s"] = harness.matmul_rate()
         for name in ("sampling", "validation_check"):
             res[name]["fraction_of_matmul"] = res[name]["gflop_per_s"] / peak
-        print(f"XLA fp32 matmul {size}x{size} here: {peak:.1f} GFLOP/s ({jax.devices()[0].device_kind}, "
+        print(f"XLA fp32 matmul 2048x2048 here: {peak:.1f} GFLOP/s ({jax.devices()[0].device_kind}, "
               f"{len(os.sched_getaffinity(0))} core(s) allowed)", flush=True)
         out[env_id] = res
     harness.save_results(a.name + "_speed", {"setting": a.setting, "results": out})

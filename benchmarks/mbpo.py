@@ -19,12 +19,6 @@ Writes mbpo.json (or mbpo_<tag>.json) and mbpo*.png to benchmarks/out/ (with
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import matplotlib
@@ -53,24 +47,6 @@ PUBLISHED = {
 EVAL_INTERVAL = {"InvertedPendulum-v5": 1000}  # others: every 5000 steps
 
 
-def launch(env_id: str, seed: int, steps: int, workdir: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "algos.mbpo", "--env-id", env_id, "--seed", str(seed), "--total-timesteps",
-           str(steps), "--eval-interval", str(EVAL_INTERVAL.get(env_id, 5000)), "--eval-episodes", "5",
-           "--exp-name", "bench", *extra]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS", "1"),
-               XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "log.txt", "w")
-    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def read_curve(workdir: Path) -> dict:
-    files = list(workdir.glob("runs/*/metrics.jsonl"))
-    rows = [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
-    return {"steps": [r["global_step"] for r in rows], "eval_return": [r["eval/return"] for r in rows],
-            "wall_seconds": [r["time"] for r in rows]}
-
-
 def main(argv=None):
     p = harness.parser("mbpo", __doc__, seeds=[1, 2, 3],
                        quick={"envs": ["InvertedPendulum-v5"], "seeds": [1], "steps": 1500, "max_minutes": 4})
@@ -87,31 +63,16 @@ def main(argv=None):
         name = "mbpo" + (f"_{a.tag}" if a.tag else "")
         return save_figure(draw(harness.load_results(name)["results"]), name)
 
-    jobs = [(env_id, seed) for env_id in a.envs for seed in a.seeds]
-    tmp = Path(tempfile.mkdtemp(prefix="mbpo_bench_"))
-    running, done = {}, {}
-    while jobs or running:
-        while jobs and len(running) < a.parallel:
-            env_id, seed = jobs.pop(0)
-            steps = a.steps or PAPER_CONFIGS[env_id]["budget"]
-            wd = tmp / f"{env_id}_{seed}"
-            running[(env_id, seed)] = (launch(env_id, seed, steps, wd, a.extra), time.time(), wd, steps)
-        time.sleep(2)
-        for job, (proc, start, wd, steps) in list(running.items()):
-            over = a.max_minutes is not None and time.time() - start > 60 * a.max_minutes
-            if proc.poll() is None and not over:
-                continue
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            curve = read_curve(wd)
-            finished = proc.returncode == 0
-            done[job] = {"env_id": job[0], "seed": job[1], "budget": steps, "finished": finished, **curve,
-                         "returncode": proc.returncode, "log_tail": (wd / "log.txt").read_text()[-600:]}
-            last = curve["eval_return"][-1] if curve["eval_return"] else float("nan")
-            print(f"{job[0]} seed {job[1]}: {'done' if finished else 'stopped'} at step "
-                  f"{curve['steps'][-1] if curve['steps'] else 0}, eval return {last:.1f}", flush=True)
-            del running[job]
+    jobs = {}
+    for env_id in a.envs:
+        steps = a.steps or PAPER_CONFIGS[env_id]["budget"]
+        for seed in a.seeds:
+            flags = ["--env-id", env_id, "--seed", str(seed), "--total-timesteps", str(steps), "--eval-interval",
+                     str(EVAL_INTERVAL.get(env_id, 5000)), "--eval-episodes", "5", "--exp-name", "bench", *a.extra]
+            jobs[(env_id, seed)] = (flags, {"env_id": env_id, "seed": seed, "budget": steps})
+    # each run pinned to its own core (issue #21: a thread limit alone did not hold a process to one core)
+    done = harness.run_pinned(jobs, "algos.mbpo", a.parallel, a.max_minutes, {"eval_return": "eval/return",
+                                                                             "wall_seconds": "time"}, "mbpo_bench_")
 
     results, headline = {}, []
     envs = [e for e in a.envs if any(k[0] == e for k in done)]

@@ -27,6 +27,14 @@ TINY = {
              "--rollout-batch-size", "250", "--model-max-epochs", "1", "--hidden", "8", "--model-hidden", "8",
              "--model-layers", "1", "--ensemble-size", "2", "--num-elites", "1", "--num-updates", "1",
              "--batch-size", "16"],
+    "me_trpo": ["--horizon", "20", "--steps-per-iteration", "100", "--total-timesteps", "200", "--eval-interval",
+                "100", "--eval-episodes", "1", "--model-hidden", "16", "--model-batch-size", "64",
+                "--model-max-passes", "5", "--model-eval-every", "1", "--model-patience", "3", "--policy-hidden", "8",
+                "--imagined-steps", "200", "--max-policy-iters", "4", "--check-every", "2", "--policy-patience", "2",
+                "--validation-starts", "20", "--bptt-batch", "20"],
+    "mb_mpo": ["--horizon", "20", "--random-steps", "100", "--eval-episodes", "1", "--model-hidden", "16",
+               "--model-batch-size", "64", "--model-max-epochs", "5", "--policy-hidden", "8", "--meta-batch", "5",
+               "--trajectories-per-task", "4", "--meta-steps", "2", "--total-timesteps", "300"],
 }
 
 

@@ -33,6 +33,7 @@ from common.jax_envs.mazes import (
     Maze,
 )
 from common.jax_envs.navigation import PointMass, PointNav2D
+from common.jax_envs.point_robot import PointRobot, SparsePointRobot
 
 
 def check_env_id(env_id: str) -> None:
@@ -86,6 +87,10 @@ def _point_mass_entry(render_mode=None, **kwargs):
     return JaxEnv(PointMass(**kwargs), render_mode=render_mode)
 
 
+def _point_robot_entry(render_mode=None, sparse=False, **kwargs):
+    return JaxEnv((SparsePointRobot if sparse else PointRobot)(**kwargs), render_mode=render_mode)
+
+
 # Pure-JAX envs (common/jax_envs/): id -> (entry point, kwargs).
 JAX_ENVS = {
     "DynaMaze-v0": (_maze_entry, {"layout": DYNA_MAZE}),
@@ -107,9 +112,13 @@ JAX_ENVS = {
     "PointNav2D-v0": (_point_nav_entry, {"horizon": 100}),
     # Linear point mass (guided policy search tests); the task is its start.
     "PointMass-v0": (_point_mass_entry, {"horizon": 30}),
+    # PEARL's point robots (oyster rlkit/envs/point_robot.py); the task is the goal.
+    "PointRobot-v0": (_point_robot_entry, {"horizon": 20}),
+    "SparsePointRobot-v0": (_point_robot_entry, {"horizon": 20, "sparse": True, "goal_radius": 0.2}),
 }
 # Fixed episode lengths, enforced by gymnasium's TimeLimit (a truncation).
 MAX_EPISODE_STEPS = {"RandomMDP-v0": 10, "PointNav2D-v0": 100, "PointMass-v0": 30}
+MAX_EPISODE_STEPS.update({"PointRobot-v0": 20, "SparsePointRobot-v0": 20})
 
 
 def register_all() -> None:

@@ -4,7 +4,8 @@ Importing this package registers every id the project adds to gymnasium, so
 one call covers `DynaMaze-v0`, `HalfCheetahVel-v0` and `Hopper-v5` alike:
 - the pure-JAX envs of `common/jax_envs/` (mazes, bandits, MDPs, points),
   each a `FuncEnv` wrapped in `JaxEnv` for the gymnasium interface;
-- the MuJoCo task families of `common/envs/mujoco_tasks.py`.
+- the MuJoCo task families of `common/envs/mujoco_tasks.py`;
+- the MinAtar games of gymnax (`common/envs/minatar.py`).
 
 The other env knowledge lives beside this file, one kind per module:
 - `model_fns.py`: reward and termination functions for model rollouts;
@@ -20,6 +21,7 @@ import difflib
 import gymnasium as gym
 
 from common.checks import fail
+from common.envs.minatar import register_minatar
 from common.envs.mujoco_tasks import TASK_FAMILIES, TaskFamily
 from common.jax_envs.adapter import JaxEnv
 from common.jax_envs.bandits_mdps import BernoulliBandit, RandomMDP
@@ -131,6 +133,7 @@ def register_all() -> None:
     for env_id, cls in TASK_FAMILIES.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=cls, max_episode_steps=TaskFamily.horizon)
+    register_minatar()  # Breakout/SpaceInvaders/Asterix/Freeway-MinAtar-v0 (common/envs/minatar.py)
 
 
 register_all()

@@ -24,18 +24,20 @@ adaptation, and the S-step: an MLP pi_theta(u | o) fitted to the controllers'
 means weighted by their precisions. The policy sees the env's observation o
 (Reacher: cos/sin of the joint angles, target, joint velocities, fingertip -
 target), the controllers the state x (joint angles and velocities, fingertip -
-target and its velocity). Left out: BADMM GPS, PILQR, smoothed exploration
-noise, the reference's LQR-based initialisation (we start from zero gains,
-its init_pd without gains), images. Results against the paper: docs/gps.md.
+target and its velocity). Reacher runs the reference experiment's timing (dt
+0.05 s, T = 100: five seconds per trial) and starts from its LQR hold
+controllers (init_lqr). Left out: BADMM GPS, PILQR, smoothed exploration
+noise, images. Results against the paper: docs/gps.md.
 
 Run:
-    python -m algos.gps                          # MDGPS on Reacher-v5, 4 conditions: 26 s (2-core CPU)
+    python -m algos.gps                          # MDGPS on Reacher-v5, 4 conditions, T = 100 at dt 0.05 s
     python -m algos.gps --algorithm lqr_flm      # local controllers only
+    python -m algos.gps --frame-skip 2 --horizon 50 --init zero --total-timesteps 10000   # the earlier timing
     python -m algos.gps --env-id PointMass-v0 --horizon 30 --init-var 1.0
     python -m algos.gps --resume runs/<run>      # continue from the last iteration's checkpoint
 
 Algorithm (Montgomery & Levine 2016, Alg. 2; the numbers mark the code below):
-    [0] initialise p_i = N(0, init_var I) for every training condition i
+    [0] initialise p_i: the LQR controller holding condition i's start under a guessed model (init_lqr)
     for iteration = 1..K:
       [1] run each p_i (mdgps on-policy: pi_theta + noise) N times from condition i (exact reset)
       [2] quadratise the cost along the samples (autodiff), average over samples
@@ -79,7 +81,7 @@ from common.progress import Progress
 class Args(CommonArgs):
     env_id: str = "Reacher-v5"
     """a conditions env of common/envs/conditions.py (exact state reset): Reacher-v5 or PointMass-v0"""
-    total_timesteps: int = 10_000
+    total_timesteps: int = 20_000
     """real training steps; iterations = total_timesteps // (conditions * num_samples * horizon)"""
     eval_interval: int = 1
     """evaluate the global policy every this many iterations (GPS counts iterations)"""
@@ -95,12 +97,23 @@ class Args(CommonArgs):
     """mdgps step adaptation: Laplace estimates of the policy linearisations or the samples' costs (cbfinn/gps)"""
     conditions: int = 4
     """training conditions used (the env offers at most its own number)"""
-    horizon: int = 50
-    """T, steps per trajectory, at most the env's time limit (Reacher-v5 episodes are 50 steps)"""
+    horizon: int = 100
+    """T, steps per trajectory, at most the env's time limit (Reacher: 100 steps; mjc_mdgps_example T = 100)"""
+    frame_skip: int | None = None
+    """MuJoCo steps of 0.01 s per env step (Reacher-v5); None: 5, dt 0.05 s as mjc_mdgps_example (gymnasium: 2)"""
     num_samples: int = 5
     """N, trajectories per condition per iteration (cbfinn/gps: 5)"""
-    init_var: float = 0.003
-    """variance of the initial controllers' Gaussian noise (zero gains); Reacher's torques are strong (gear 200)"""
+    init: Literal["lqr", "zero"] = "lqr"
+    """initial controllers: lqr, cbfinn/gps init_lqr (hold the start under a guessed model); zero: zero gains"""
+    init_var: float | None = None
+    """initial noise variance; None: 1.0 for lqr (mjc_mdgps_example), 0.003 for zero (tuned: docs/gps.md)"""
+    init_final_weight: float = 50.0
+    """init_lqr's weight on the last step's hold cost (mjc_mdgps_example: 50)"""
+    step_scope: Literal["shared", "per_condition"] = "shared"
+    """mdgps step multiplier: shared, one for all (reference); per_condition, each its own, a condition whose
+    predicted improvement is non-finite or exploded keeping its multiplier (a measured option: docs/gps.md)"""
+    anchor_blend: float = 0.0
+    """mdgps: C-step anchor = (1 - w) policy linearisation + w previous controller in (K, k) (a measured option)"""
     kl_step: float = 1.0
     """base KL step epsilon per time step; the bound is kl_step * step_mult * T (cbfinn/gps: 1.0)"""
     min_step_mult: float | None = None
@@ -134,6 +147,10 @@ class Args(CommonArgs):
     @property
     def iterations(self) -> int:
         return self.total_timesteps // self.steps_per_iteration
+
+    @property
+    def noise_var(self) -> float:
+        return self.init_var if self.init_var is not None else (1.0 if self.init == "lqr" else 0.003)
 
     @property
     def step_mult_range(self) -> tuple[float, float]:
@@ -210,7 +227,7 @@ class Fit(NamedTuple):
     dyn: Dynamics
     cost: QuadCost
     pol_lin: LinearGaussian  # mdgps; zeros for lqr_flm
-    mc_cost: float  # the samples' mean trajectory cost
+    mc_cost: np.ndarray  # (M,) the samples' mean trajectory cost per condition
 
 
 class GPSState(NamedTuple):
@@ -235,6 +252,47 @@ def sym(a):
 def init_controller(T: int, dX: int, dU: int, init_var: float) -> LinearGaussian:
     """[0] Zero gains, isotropic noise (cbfinn/gps init_pd with zero gains)."""
     return LinearGaussian(jnp.zeros((T, dU, dX)), jnp.zeros((T, dU)), jnp.tile(init_var * jnp.eye(dU), (T, 1, 1)))
+
+
+def riccati_backward(C, c, F, f, dX: int):
+    """Finite-horizon LQR by dynamic programming: minimise sum_t 0.5 v_t^T C_t v_t + v_t^T c_t, v = [x; u], under
+    x_{t+1} = F_t v_t + f_t. C (T, D, D), c (T, D), F (T, dX, D), f (T, dX). Returns K (T, dU, dX), k (T, dU),
+    Q_uu^-1 (T, dU, dU) and whether every Q_uu was positive definite."""
+
+    def step(carry, inp):
+        Vxx, Vx = carry  # value of x_{t+1}: 0.5 x^T Vxx x + x^T Vx
+        C_t, c_t, F_t, f_t = inp
+        Q = sym(C_t + F_t.T @ Vxx @ F_t)  # (D, D)
+        q = c_t + F_t.T @ (Vx + Vxx @ f_t)
+        L = cholesky(Q[dX:, dX:], lower=True)
+        ok = jnp.all(jnp.isfinite(L))
+        K, k = -cho_solve((L, True), Q[dX:, :dX]), -cho_solve((L, True), q[dX:])
+        cov = cho_solve((L, True), jnp.eye(L.shape[0]))
+        Vxx, Vx = sym(Q[:dX, :dX] + Q[:dX, dX:] @ K), q[:dX] + Q[:dX, dX:] @ k
+        return (Vxx, Vx), (K, k, sym(cov), ok)
+
+    _, (K, k, cov, ok) = jax.lax.scan(step, (jnp.zeros((dX, dX)), jnp.zeros(dX)), (C, c, F, f), reverse=True)
+    return K, k, cov, jnp.all(ok)
+
+
+def init_lqr(x0, T: int, dU: int, dt: float, gains, init_var: float, final_weight: float,
+             stiffness: float = 1.0, stiffness_vel: float = 0.5) -> LinearGaussian:
+    """[0] cbfinn/gps lin_gauss_init.init_lqr: the LQR controller that holds the start x0 (dX,) under a guessed
+    model, the controller's noise its Q_uu^-1. The model (guess_dynamics) takes x = [q (dU); v (dU); rest] with
+    joint accelerations gains * u: q' = q + dt v + dt^2 g u, v' = v + dt g u, the rest 0. The cost is
+    0.5 (z - [x0; 0])^T L (z - [x0; 0]), L = diag(stiffness, stiffness * stiffness_vel, 0 (rest), 1 (u)) / init_var,
+    weighted final_weight at the last step (INIT_LG_LQR defaults: stiffness 1, stiffness_vel 0.5)."""
+    dX, g = x0.shape[0], jnp.asarray(gains, x0.dtype)
+    eye, zeros = jnp.eye(dU), jnp.zeros((dU, dX - 2 * dU))
+    F = jnp.concatenate([jnp.concatenate([eye, dt * eye, zeros, dt**2 * jnp.diag(g)], 1),
+                         jnp.concatenate([jnp.zeros((dU, dU)), eye, zeros, dt * jnp.diag(g)], 1),
+                         jnp.zeros((dX - 2 * dU, dX + dU))], 0)  # (dX, D)
+    L = jnp.diag(jnp.concatenate([jnp.full(dU, stiffness), jnp.full(dU, stiffness * stiffness_vel),
+                                  jnp.zeros(dX - 2 * dU), jnp.ones(dU)])) / init_var
+    lin = -L @ jnp.concatenate([x0, jnp.zeros(dU)])
+    w = jnp.where(jnp.arange(T) == T - 1, final_weight, 1.0)[:, None]
+    K, k, cov, _ = riccati_backward(w[:, :, None] * L, w * lin, jnp.tile(F, (T, 1, 1)), jnp.zeros((T, dX)), dX)
+    return LinearGaussian(K, k, cov)
 
 
 # --------------------------------------------------------------------------
@@ -374,22 +432,8 @@ def lqg_backward(eta, prev: LinearGaussian, dyn: Dynamics, cost: QuadCost):
     Ckl = jnp.concatenate([jnp.concatenate([KtP @ prev.K, -KtP], 2),
                            jnp.concatenate([-jnp.swapaxes(KtP, 1, 2), P], 2)], 1)
     ckl = jnp.concatenate([jnp.einsum("txu,tu->tx", KtP, prev.k), -jnp.einsum("tuv,tv->tu", P, prev.k)], 1)
-    C, c = cost.C / eta + Ckl, cost.c / eta + ckl
-
-    def step(carry, inp):
-        Vxx, Vx = carry  # value of x_{t+1}: 0.5 x^T Vxx x + x^T Vx
-        C_t, c_t, F_t, f_t = inp
-        Q = sym(C_t + F_t.T @ Vxx @ F_t)  # (D, D)
-        q = c_t + F_t.T @ (Vx + Vxx @ f_t)
-        L = cholesky(Q[dX:, dX:], lower=True)
-        ok = jnp.all(jnp.isfinite(L))
-        K, k = -cho_solve((L, True), Q[dX:, :dX]), -cho_solve((L, True), q[dX:])
-        cov = cho_solve((L, True), jnp.eye(L.shape[0]))
-        Vxx, Vx = sym(Q[:dX, :dX] + Q[:dX, dX:] @ K), q[:dX] + Q[:dX, dX:] @ k
-        return (Vxx, Vx), (K, k, sym(cov), ok)
-
-    _, (K, k, cov, ok) = jax.lax.scan(step, (jnp.zeros((dX, dX)), jnp.zeros(dX)), (C, c, dyn.F, dyn.f), reverse=True)
-    return LinearGaussian(K, k, cov), jnp.all(ok)
+    K, k, cov, ok = riccati_backward(cost.C / eta + Ckl, cost.c / eta + ckl, dyn.F, dyn.f, dX)
+    return LinearGaussian(K, k, cov), ok
 
 
 def lqg_forward(ctrl: LinearGaussian, dyn: Dynamics):
@@ -467,6 +511,12 @@ def new_step_mult(step_mult, predicted, actual, lo, hi):
     return np.clip(mult * step_mult, lo, hi)
 
 
+def exploded(predicted, prev_obj):
+    """Predicted improvements the quadratic model cannot be trusted with: non-finite, or larger in size than ten
+    times the cost they improve (the C-step's controller blew up under the fitted dynamics)."""
+    return ~np.isfinite(predicted) | (np.abs(predicted) > 10.0 * np.maximum(np.abs(prev_obj), 1.0))
+
+
 # --------------------------------------------------------------------------
 # Global policy and the S-step
 # --------------------------------------------------------------------------
@@ -514,24 +564,30 @@ def policy_mean(params, obs_mean, obs_std, o, args: Args, dims: Dims):
 # The phases of an iteration (main calls them in order). Real-env sampling is common/envs/conditions.py
 # rollout_condition: the only Python loop, the env stands for the robot.
 # --------------------------------------------------------------------------
-def init_state(args: Args, dims: Dims, key) -> GPSState:
-    """[0] Zero-gain controllers, an empty buffer, a fresh policy."""
+def init_state(args: Args, dims: Dims, key, env) -> GPSState:
+    """[0] The initial controllers (init_lqr around each condition's start state, or zero gains), an empty buffer,
+    a fresh policy."""
     M, S, T = args.conditions, args.prior_samples, args.horizon
     dX, dU, dO = dims
     D = dX + dU
-    ctrl = jax.vmap(lambda _: init_controller(T, dX, dU, args.init_var))(jnp.arange(M))
+    if args.init == "lqr":
+        x0 = jnp.asarray(np.stack([env.reset(options={"condition": m})[1]["state"] for m in range(M)]), jnp.float32)
+        ctrl = jax.vmap(lambda x: init_lqr(x, T, dU, env.dt, env.accel_gains, args.noise_var,
+                                           args.init_final_weight))(x0)
+    else:
+        ctrl = jax.vmap(lambda _: init_controller(T, dX, dU, args.noise_var))(jnp.arange(M))
     z = lambda *shape: np.zeros((M, *shape))
     lin = LinearGaussian(z(T, dU, dX), z(T, dU), z(T, dU, dU))
     last = Fit(lin, Dynamics(z(T, dX, D), z(T, dX), z(T, dX, dX), z(dX), z(dX, dX)),
-               QuadCost(z(T, D, D), z(T, D), z(T)), lin, 0.0)
+               QuadCost(z(T, D, D), z(T, D), z(T)), lin, z())
     policy = Policy(args.policy_hidden, dU)
     key, k_init = jax.random.split(key)
     pstate = TrainState.create(apply_fn=policy.apply, params=policy.init(k_init, jnp.zeros(dO)),
                                tx=optax.chain(optax.add_decayed_weights(args.policy_weight_decay),
                                               optax.adam(args.policy_lr)))
+    noise = np.asarray(jnp.diagonal(ctrl.cov, axis1=-2, axis2=-1).mean((0, 1)))  # (dU,) before the first S-step
     return GPSState(0, ctrl, np.ones(M), np.ones(M), last, SampleBuffer(z(S, T, dX), z(S, T, dU), z(S, T, dO), z(S)),
-                    pstate, np.zeros(dO), np.ones(dO), np.full(dU, args.init_var), key,
-                    numpy_rng_state(np.random.default_rng(args.seed)))
+                    pstate, np.zeros(dO), np.ones(dO), noise, key, numpy_rng_state(np.random.default_rng(args.seed)))
 
 
 def controller_act(K, k, L=None, noise=None):
@@ -609,7 +665,7 @@ def fit_local_models(env, args: Args, state: GPSState, samples: Samples, k_dyn, 
         pol_lin = jax.vmap(partial(fit_policy_linearization, args=args), in_axes=(0, 0, 0, 0, 0, 0, None))(
             jax.random.split(k_pol, M), buf.X, jnp.asarray(pol_buf), buf.mask, X, jnp.asarray(pol_mu),
             jnp.asarray(state.policy_var, jnp.float64))
-    return Fit(state.ctrl, dyn, cost, pol_lin, float(costs.sum(-1).mean()))
+    return Fit(state.ctrl, dyn, cost, pol_lin, np.asarray(costs.sum(-1).mean(-1)))
 
 
 def adjust_step(args: Args, state: GPSState, fit: Fit) -> tuple[np.ndarray, dict]:
@@ -623,12 +679,21 @@ def adjust_step(args: Args, state: GPSState, fit: Fit) -> tuple[np.ndarray, dict
         prev_obj = np.asarray(estimate_costs(last.ctrl, last.dyn, last.cost))
         predicted = prev_obj - np.asarray(estimate_costs(state.ctrl, last.dyn, last.cost))
         actual = prev_obj - np.asarray(estimate_costs(state.ctrl, fit.dyn, fit.cost))
-    else:  # previous vs current policy cost: linearisations' estimates, or the samples' ("mc")
-        prev_obj, cur_obj = (last.mc_cost, fit.mc_cost) if args.step_rule == "mc" else (
-            np.asarray(estimate_costs(last.pol_lin, last.dyn, last.cost)).mean(),
-            np.asarray(estimate_costs(fit.pol_lin, fit.dyn, fit.cost)).mean())
-        predicted = prev_obj - np.asarray(estimate_costs(state.ctrl, last.dyn, last.cost)).mean()
+    else:  # previous vs current policy cost per condition: linearisations' estimates, or the samples' ("mc")
+        prev_obj, cur_obj = (np.asarray(last.mc_cost), np.asarray(fit.mc_cost)) if args.step_rule == "mc" else (
+            np.asarray(estimate_costs(last.pol_lin, last.dyn, last.cost)),
+            np.asarray(estimate_costs(fit.pol_lin, fit.dyn, fit.cost)))
+        predicted = prev_obj - np.asarray(estimate_costs(state.ctrl, last.dyn, last.cost))
         actual = prev_obj - cur_obj
+        if args.step_scope == "shared":  # the reference: one multiplier from the means over the conditions
+            predicted, actual = predicted.mean(), actual.mean()
+        else:  # each condition its own; an exploded prediction leaves that condition's multiplier as it was
+            bad = exploded(predicted, prev_obj)
+            step_mult = new_step_mult(state.step_mult, np.where(bad, 1.0, predicted), np.where(bad, 0.0, actual),
+                                      *args.step_mult_range)
+            return np.where(bad, state.step_mult, step_mult), {
+                "predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual),
+                "exploded_predictions": bad.mean()}
     step_mult = new_step_mult(state.step_mult, predicted, actual, *args.step_mult_range)
     return step_mult, {"predicted_improvement": np.mean(predicted), "actual_improvement": np.mean(actual)}
 
@@ -637,6 +702,9 @@ def improve_controllers(args: Args, state: GPSState, fit: Fit, step_mult):
     """[6] C-step: the KL-bounded LQG step of every condition against its old controller (lqr_flm) or the policy
     linearisation (mdgps), bound kl_step * step_mult * T. In float64. Returns the controllers, eta, KL, bound."""
     anchor = state.ctrl if args.algorithm == "lqr_flm" else fit.pol_lin
+    if args.algorithm == "mdgps" and args.anchor_blend > 0:  # toward the previous controller (a measured option)
+        w = args.anchor_blend
+        anchor = anchor._replace(K=(1 - w) * anchor.K + w * state.ctrl.K, k=(1 - w) * anchor.k + w * state.ctrl.k)
     bound = args.kl_step * step_mult * args.horizon
     anchor = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), anchor)
     ctrl, eta, kl = jax.vmap(c_step)(anchor, fit.dyn, fit.cost, jnp.asarray(state.eta), jnp.asarray(bound))
@@ -675,13 +743,15 @@ def validate(args: Args, env) -> Dims:
     for name, least in (("horizon", 2), ("num_samples", 2)):  # a dynamics fit needs two steps and two samples
         if getattr(args, name) < least:
             fail(f"{flag(name)} must be at least {least}, got {getattr(args, name)}")
-    for name in ("init_var", "kl_step", "policy_lr", "min_step_mult", "max_step_mult"):
+    for name in ("init_var", "kl_step", "policy_lr", "min_step_mult", "max_step_mult", "init_final_weight"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             fail(f"{flag(name)} must be positive, got {value}")
     check_ranges(args, at_least_1=("conditions", "prior_samples", "max_clusters", "min_points_per_cluster",
                                    "gmm_iters", "policy_hidden", "policy_steps", "policy_batch_size"),
                  non_negative=("policy_weight_decay",))
+    if not 0.0 <= args.anchor_blend < 1.0:
+        fail(f"--anchor-blend must be in [0, 1), got {args.anchor_blend}")
     lo, hi = args.step_mult_range
     if lo > hi:
         fail(f"the step multiplier range is empty: --min-step-mult {lo} > --max-step-mult {hi}")
@@ -718,11 +788,13 @@ def validate(args: Args, env) -> Dims:
 
 
 def main(args: Args) -> dict:
-    env = make_conditions_env(args.env_id)
+    if args.frame_skip is not None and args.frame_skip < 1:
+        fail(f"--frame-skip must be at least 1, got {args.frame_skip}")
+    env = make_conditions_env(args.env_id, frame_skip=args.frame_skip)
     dims = validate(args, env)
     key = seed_everything(args.seed)
     run = Run(args)
-    state = run.restore(init_state(args, dims, key))  # [0], or the checkpoint's state on --resume
+    state = run.restore(init_state(args, dims, key, env))  # [0], or the checkpoint's state on --resume
     mdgps, history, start = args.algorithm == "mdgps", [], time.time()
     progress = Progress(f"GPS ({args.algorithm}) on {args.env_id}, {args.conditions} training conditions, "
                         f"{args.steps_per_iteration:,} env steps per iteration", args.iterations, unit="iterations",
@@ -767,8 +839,9 @@ def main(args: Args) -> dict:
 
         with run.timed("evaluate"):  # [8]
             metrics |= {"iteration": it, **evaluate_local(env, args, dims, state, samples),
-                        "local/cost": fit.mc_cost, "kl": np.asarray(kl).mean(), "kl_bound": float(np.mean(bound)),
-                        "eta": eta.mean(), "step_mult": step_mult.mean(), "iteration_time": time.time() - t0}
+                        "local/cost": float(np.mean(fit.mc_cost)), "kl": np.asarray(kl).mean(),
+                        "kl_bound": float(np.mean(bound)), "eta": eta.mean(), "step_mult": step_mult.mean(),
+                        "iteration_time": time.time() - t0}
             if mdgps and (it % args.eval_interval == 0 or it == args.iterations):
                 metrics |= evaluate_global(env, args, dims, state)
         state, steps = state._replace(iteration=it), it * args.steps_per_iteration
@@ -785,7 +858,7 @@ def main(args: Args) -> dict:
         save_checkpoint(run.dir / "model.msgpack", {"policy": state.policy.params, "controllers": state.ctrl._asdict(),
                                                     "obs_mean": state.obs_mean, "obs_std": state.obs_std})
     if args.capture_video:
-        video_env = make_conditions_env(args.env_id, render_mode="rgb_array")
+        video_env = make_conditions_env(args.env_id, render_mode="rgb_array", frame_skip=args.frame_skip)
         record_video(video_env, lambda o: policy_act(state, args, dims, np.zeros((1, dims.dU)))(None, o, 0),
                      run.dir / "videos", episodes=1, seed=args.seed, max_steps=args.horizon)
     if history:

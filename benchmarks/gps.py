@@ -1,9 +1,16 @@
 """Benchmark: guided policy search (MDGPS and LQR-FLM) on Reacher-v5 with 4 conditions.
 
-The issue's targets (T = 50, 5 samples per condition per iteration, 10
-iterations = 200 trajectories = 10,000 real steps): the local controllers'
-mean final fingertip distance <= 0.02, the MDGPS global policy's <= 0.03 on
-the training conditions; held-out conditions reported. Reference for the
+Main setting: the reference experiment's timing (cbfinn/gps
+mjc_mdgps_example: dt 0.05 s, T = 100, five seconds per trial; here Reacher-v5
+with frame_skip 5), its init_lqr initial controllers and its final-step cost.
+The targets (5 samples per condition per iteration, 10 iterations = 200
+trajectories = 20,000 real steps): the local controllers' mean final
+fingertip distance <= 0.02, the MDGPS global policy's <= 0.03 on the training
+conditions; held-out conditions reported. `--setting t50` is the earlier
+timing (T = 50 at dt 0.02 s: one second, zero-gain initial controllers).
+`--variant` runs a measured option (docs/gps.md): zero_init, per_condition
+(MDGPS step multipliers per condition, exploded predictions excluded),
+anchor_blend (the C-step anchor halfway to the previous controller). Reference for the
 sample count (no SAC figure on Reacher-v5 with these conditions exists): the
 rl-baselines3-zoo benchmark (DLR-RM, benchmark.md, one run) trains SAC on the
 PyBullet reacher, ReacherBulletEnv-v0, for 300k steps (mean return 18.06 +-
@@ -15,8 +22,11 @@ Run:
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.gps --seeds 1 2 3 4 5 6 --save
     python -m benchmarks.gps --seeds 1 --algorithms lqr_flm
     python -m benchmarks.gps --iterations 20     # past the issue's budget
+    python -m benchmarks.gps --seeds 1 2 3 4 5 6 --algorithms mdgps --variant per_condition --save
+    python -m benchmarks.gps --seeds 1 2 3 4 5 6 --setting t50 --save
 
-Writes gps.json and gps.png (gps_<N>it.* for a budget of N != 10 iterations) to
+Writes gps.json and gps.png (gps_<setting>_<variant>_<N>it.* for another setting,
+variant or budget; the parts that are the default are left out) to
 benchmarks/out/ (with --save: benchmarks/results/ and benchmarks/plots/).
 """
 
@@ -39,6 +49,12 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.harness import final_mean_std, plot_curve, save_figure, save_results, scratch_dir, timer  # noqa: E402
 
 TARGETS = {"local": 0.02, "global_train": 0.03}
+SETTINGS = {"reference": ({}, "T=100 at dt 0.05 s (reference timing), init_lqr"),
+            "t50": ({"frame_skip": 2, "horizon": 50, "init": "zero"},
+                    "T=50 at dt 0.02 s (earlier timing), zero-gain init")}
+VARIANTS = {"default": ({}, ""), "zero_init": ({"init": "zero"}, ", zero-gain init"),
+            "per_condition": ({"step_scope": "per_condition"}, ", per-condition step multipliers"),
+            "anchor_blend": ({"anchor_blend": 0.5}, ", C-step anchor blended 0.5 toward the previous controller")}
 SAC_REFERENCE = {"steps": 300_000, "return": 18.062, "std": 9.729,
                  "source": "rl-baselines3-zoo benchmark.md (DLR-RM), sac, ReacherBulletEnv-v0, n_timesteps 300k"}
 # "local": the final distance of this iteration's noisy training samples (for
@@ -53,13 +69,13 @@ LABELS = {"local": "samples", "local_mean": "mean controllers",  # mdgps samples
           "global_train": "global policy, training", "global_test": "global policy, held-out"}
 
 
-def run(algorithm: str, seeds: list[int], iterations: int) -> dict:
+def run(algorithm: str, seeds: list[int], iterations: int, overrides: dict) -> dict:
     runs = []
     for seed in seeds:
         out = {}
         with scratch_dir(), timer(out):
-            steps = iterations * gps.Args(algorithm=algorithm).steps_per_iteration
-            res = gps.main(gps.Args(seed=seed, algorithm=algorithm, total_timesteps=steps))
+            steps = iterations * gps.Args(algorithm=algorithm, **overrides).steps_per_iteration
+            res = gps.main(gps.Args(seed=seed, algorithm=algorithm, total_timesteps=steps, **overrides))
         hist = res["history"]
         r = {"seed": seed, "samples": [h["samples"] for h in hist], "wall_seconds": out["wall_seconds"]}
         for name, key in KEYS.items():
@@ -83,14 +99,20 @@ def main(argv=None):
     p = harness.parser("gps", __doc__, seeds=[1, 2, 3],
                        quick={"seeds": [1], "iterations": 5})
     p.add_argument("--algorithms", nargs="+", default=["mdgps", "lqr_flm"], choices=["mdgps", "lqr_flm"])
-    p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (10,000 real steps)")
+    p.add_argument("--iterations", type=int, default=10, help="the issue's budget is 10 (20,000 real steps)")
+    p.add_argument("--setting", default="reference", choices=list(SETTINGS),
+                   help="reference: T = 100 at dt 0.05 s, init_lqr; t50: T = 50 at dt 0.02 s, zero-gain init")
+    p.add_argument("--variant", default="default", choices=list(VARIANTS), help="a measured option (docs/gps.md)")
     p.add_argument("--replot", action="store_true",
                    help="only redraw the plot of the saved gps(_<N>it).json (this run's, else the committed one)")
     a = harness.parse(p, argv)
-    defaults = gps.Args()
+    overrides = SETTINGS[a.setting][0] | VARIANTS[a.variant][0]
+    label = SETTINGS[a.setting][1] + VARIANTS[a.variant][1]
+    defaults = gps.Args(**overrides)
     it = a.iterations
     steps = it * defaults.steps_per_iteration
-    out_name = "gps" if it == 10 else f"gps_{it}it"
+    parts = [p_ for p_, d in ((a.setting, "reference"), (a.variant, "default"), (f"{it}it", "10it")) if p_ != d]
+    out_name = "_".join(["gps", *parts])
     target = {k: f"target <= {v}" + ("" if it == 10 else " (at 10 iterations)") for k, v in TARGETS.items()}
 
     if a.replot:
@@ -98,24 +120,25 @@ def main(argv=None):
         return save_figure(draw(record["results"], len(record["args"]["seeds"])), out_name)
     results, headline = {}, []
     for algorithm in a.algorithms:
-        r = results[algorithm] = run(algorithm, a.seeds, it)
+        r = results[algorithm] = run(algorithm, a.seeds, it, overrides)
         s = r["summary"]
         sampled = "local controllers' noisy samples" if algorithm == "lqr_flm" else "noisy samples (global policy)"
         headline.append({
-            "algorithm": f"GPS ({algorithm})", "setting": f"Reacher-v5, 4 conditions, T=50, 5 samples, {it} iterations",
+            "algorithm": f"GPS ({algorithm})",
+            "setting": f"Reacher-v5, 4 conditions, {label}, 5 samples, {it} iterations",
             "metric": f"final fingertip distance of the {sampled}, mean over seeds",
             "ours": round(s["local"]["final_mean"], 4), "reference": target["local"],
             "seeds": len(a.seeds), "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
         headline.append({
             "algorithm": f"GPS ({algorithm}) mean controllers",
-            "setting": f"Reacher-v5, 4 conditions, after {it} iterations ({steps:,} training steps)",
+            "setting": f"Reacher-v5, 4 conditions, {label}, after {it} iterations ({steps:,} training steps)",
             "metric": "final fingertip distance, noise-free u = Kx + k, one run per condition, mean over seeds",
             "ours": round(s["local_mean"]["final_mean"], 4), "reference": target["local"],
             "seeds": len(a.seeds), "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
         if "global_train" in s:
             headline.append({
                 "algorithm": f"GPS ({algorithm}) global policy",
-                "setting": f"Reacher-v5, 4 training conditions (held-out in 'results'), {it} iterations",
+                "setting": f"Reacher-v5, 4 training conditions (held-out in 'results'), {label}, {it} iterations",
                 "metric": "final fingertip distance, deterministic policy, mean over seeds",
                 "ours": round(s["global_train"]["final_mean"], 4),
                 "held_out": round(s["global_test"]["final_mean"], 4),
@@ -123,7 +146,7 @@ def main(argv=None):
                 "wall_seconds": round(r["wall_seconds_per_seed"], 1)})
     save_figure(draw(results, len(a.seeds)), out_name)
     save_results(out_name, {"headline": headline, "results": results, "targets": TARGETS,
-                         "sac_reference": SAC_REFERENCE, "args": vars(a)})
+                         "sac_reference": SAC_REFERENCE, "args": vars(a), "overrides": overrides})
 
 
 def draw(results: dict, seeds: int):

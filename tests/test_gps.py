@@ -236,6 +236,43 @@ def test_step_multiplier_follows_predicted_vs_actual_improvement():
     assert mult(10.0, -100.0, m=0.05) == pytest.approx(0.01)  # floored at lo
 
 
+def test_exploded_predictions_are_flagged():
+    """Per-condition MDGPS steps ignore predictions the quadratic model cannot support (non-finite, or over ten
+    times the cost they would improve): the traced -3e4 to -5e34 of docs/gps.md."""
+    bad = gps.exploded(np.array([5.0, -3e4, np.nan, np.inf, -40.0]), np.array([50.0, 60.0, 50.0, 50.0, 50.0]))
+    assert bad.tolist() == [False, True, True, True, False]
+
+
+def test_init_lqr_is_the_riccati_hold_controller(x64):
+    """cbfinn/gps init_lqr: LQR on 0.5 (z - [x0; 0])^T L (z - [x0; 0]), L = diag(1, 0.5, 1) / init_var (final step x50),
+    under the guessed double integrator. On PointMass-v0 that model is exact (v' = v + dt u, p' = p + dt v'),
+    so: the gains are a plain Riccati recursion's in the deviation x - x0, the mean controller keeps the mass at
+    its start, pulls a displaced one back toward it, and its noise is Q_uu^-1 (at most init_var)."""
+    T, dt, var, x0 = 15, 0.1, 2.0, np.array([0.3, -0.5, 0.0, 0.0])
+    ctrl = gps.init_lqr(jnp.asarray(x0), T, 2, dt, np.ones(2), var, 50.0)
+    A = np.block([[np.eye(2), dt * np.eye(2)], [np.zeros((2, 2)), np.eye(2)]])
+    B = np.vstack([dt**2 * np.eye(2), dt * np.eye(2)])
+    Q, R = np.diag([1.0, 1.0, 0.5, 0.5]) / var, np.eye(2) / var
+    V, Ks, Quus = np.zeros((4, 4)), [], []
+    for t in reversed(range(T)):
+        w = 50.0 if t == T - 1 else 1.0
+        Quu = w * R + B.T @ V @ B
+        K = -np.linalg.solve(Quu, B.T @ V @ A)
+        V = w * Q + A.T @ V @ A + A.T @ V @ B @ K
+        Ks.append(K), Quus.append(Quu)
+    np.testing.assert_allclose(ctrl.K, np.array(Ks[::-1]), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(ctrl.k, -np.einsum("tux,x->tu", ctrl.K, x0), atol=1e-10)  # u = K (x - x0)
+    np.testing.assert_allclose(ctrl.cov, np.linalg.inv(np.array(Quus[::-1])), rtol=1e-8)
+    assert float(jnp.max(jnp.diagonal(ctrl.cov, axis1=1, axis2=2))) <= var + 1e-9
+    x, far = np.array([0.6, -0.1, 0.0, 0.0]), []
+    for t in range(T):
+        far.append(np.linalg.norm(x[:2] - x0[:2]))
+        x = A @ x + B @ (np.asarray(ctrl.K[t]) @ x + np.asarray(ctrl.k[t]))
+    assert far[-1] < 0.5 * far[0], far
+    u_at_start = np.einsum("tux,x->tu", ctrl.K, x0) + ctrl.k
+    np.testing.assert_allclose(u_at_start, 0.0, atol=1e-10)
+
+
 def test_s_step_fits_precision_weighted_targets():
     """The S-step drives the precision-weighted loss down on a linear target."""
     import optax
@@ -271,6 +308,24 @@ def test_conditions_reset_exactly(env_id):
         np.testing.assert_array_equal(info0["state"], info1["state"])
         assert info0["state"].shape == (env.dim_state,)
     assert np.isfinite(float(env.cost(jnp.asarray(info0["state"]), jnp.zeros(2), True)))
+
+
+def test_final_cost_weight_sits_inside_the_log():
+    """cbfinn/gps CostFK at the last step: wp * wp_final_multiplier (10) inside evallogl2term's log, so the final
+    term is 0.5 log(alpha + 100 d^2), not 10 x 0.5 log(alpha + d^2)."""
+    from common.envs.conditions import gps_cost
+    d, u = jnp.array([0.03, -0.04]), jnp.zeros(2)
+    final_only = float(gps_cost(d, u, True) - gps_cost(d, u, False))
+    assert final_only == pytest.approx(0.5 * np.log(1e-5 + 100 * 0.05**2), rel=1e-5)
+
+
+def test_reacher_timing_is_the_reference_experiment():
+    """Reacher's conditions env runs dt = 0.05 s (frame_skip 5) with 100-step episodes: T = 100 is five seconds,
+    mjc_mdgps_example's trial; its init_lqr gains are the joint accelerations per unit action."""
+    env = make_conditions_env("Reacher-v5")
+    assert env.dt == pytest.approx(0.05) and env.spec.max_episode_steps == 100
+    np.testing.assert_allclose(env.accel_gains, 200.0, rtol=0.01)  # gear 200 over a unit joint inertia
+    assert make_conditions_env("Reacher-v5", frame_skip=2).dt == pytest.approx(0.02)
 
 
 def test_reacher_state_distance_matches_env():
@@ -408,7 +463,10 @@ BASE = ["--env-id", "PointMass-v0", "--horizon", "8", "--num-samples", "2", "--c
     (["--policy-steps", "0"], "--policy-steps must be >= 1, got 0"),
     (["--policy-batch-size", "33"], "--policy-batch-size 33 exceeds the 32 points the S-step trains on"),
     (["--horizon", "31"], "--horizon 31 exceeds the 30-step time limit of 'PointMass-v0'"),
-    (["--env-id", "Reacher-v5", "--horizon", "60"], "--horizon 60 exceeds the 50-step time limit of 'Reacher-v5'"),
+    (["--env-id", "Reacher-v5", "--horizon", "101"], "--horizon 101 exceeds the 100-step time limit of 'Reacher-v5'"),
+    (["--frame-skip", "2"], "--frame-skip applies to MuJoCo envs; 'PointMass-v0' has a fixed time step"),
+    (["--env-id", "Reacher-v5", "--frame-skip", "0"], "--frame-skip must be at least 1, got 0"),
+    (["--anchor-blend", "1.0"], "--anchor-blend must be in [0, 1), got 1.0"),
     (["--eval-episodes", "5"], "--eval-episodes must be 1 in GPS, got 5"),
     (["--env-id", "CartPole-v1"], "no exact state reset"),
     (["--env-id", "Nope-v0"], "unknown env id"),

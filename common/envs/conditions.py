@@ -35,15 +35,21 @@ from common.jax_envs.navigation import PointMassParams
 # The cost is the quadratic-plus-log distance cost of cbfinn/gps
 # (cost_utils.evallogl2term: 0.5 l2 d^2 + 0.5 l1 log(alpha + d^2)) at every
 # step with l1 = 0.1, l2 = 10, plus a final-step-only log term (l1 = 1, l2 = 0)
-# weighted `final_weight` = 10, plus a torque penalty wu |u|^2: the structure
-# of the reference's arm examples (torque cost + CostFK + final-only CostFK).
+# whose distance is scaled by `final_weight` = 10 inside the log, plus a torque
+# penalty wu |u|^2: the structure of the reference's arm examples
+# (mjc_mdgps_example: torque cost + CostFK + final-only CostFK). The final
+# term's weight sits inside the log as there: CostFK multiplies the per-dimension
+# weights wp by wp_final_multiplier = 10 at the last step (get_ramp_multiplier)
+# and evallogl2term takes log(alpha + |wp * d|^2), so 0.5 log(alpha + 100 d^2).
+# Each conditions env also gives the guessed model of init_lqr: `dt` (seconds
+# per env step) and `accel_gains` (dU,), joint acceleration per unit action.
 
 
 def gps_cost(dist_vec, u, final, l1=0.1, l2=10.0, alpha=1e-5, wu=1e-3, final_l1=1.0, final_weight=10.0):
     """Quadratic-plus-log distance cost plus torque penalty, one step (JAX)."""
     d2 = jnp.sum(dist_vec**2)
     running = 0.5 * l2 * d2 + 0.5 * l1 * jnp.log(alpha + d2)
-    final_term = final_weight * 0.5 * final_l1 * jnp.log(alpha + d2)
+    final_term = 0.5 * final_l1 * jnp.log(alpha + final_weight**2 * d2)
     return running + jnp.where(final, final_term, 0.0) + wu * jnp.sum(u**2)
 
 
@@ -58,9 +64,15 @@ class ReacherConditions(gym.Wrapper):
     fingertip enters the state so that the cost is a function of x alone.
     Training targets lie on a circle of radius 0.15 at 45, 135, 225, 315
     degrees; held-out targets at 0, 90, 180, 270 degrees (radius 0.12).
+
+    Timing: `frame_skip` MuJoCo steps of 0.01 s per env step. The default 5
+    gives dt = 0.05 s, the reference experiment's (mjc_mdgps_example: dt 0.05,
+    T = 100, five seconds per trial); gymnasium's own Reacher-v5 uses 2
+    (dt 0.02, 50-step episodes). Episodes are limited to 100 steps.
     """
 
     dim_state = 8
+    max_steps = 100
     train_targets = [(0.15 * np.cos(a), 0.15 * np.sin(a)) for a in np.deg2rad([45, 135, 225, 315])]
     test_targets = [(0.12 * np.cos(a), 0.12 * np.sin(a)) for a in np.deg2rad([0, 90, 180, 270])]
 
@@ -68,6 +80,15 @@ class ReacherConditions(gym.Wrapper):
         super().__init__(env)
         self.targets = np.array(self.train_targets + self.test_targets)
         self.num_train = len(self.train_targets)
+        base = self.env.unwrapped
+        self.dt = float(base.dt)
+        # Joint acceleration per unit action at the straight pose, diag(M(q0)^-1) * gear (about 200 rad/s^2):
+        # the `gains` of cbfinn/gps guess_dynamics, which takes acc = gains * u.
+        base.reset(seed=0)
+        base.set_state(np.zeros(base.model.nq), np.zeros(base.model.nv))
+        inertia = np.zeros((base.model.nv, base.model.nv))
+        mujoco.mj_fullM(base.model, base.data, inertia)
+        self.accel_gains = np.diag(np.linalg.inv(inertia[:2, :2])) * base.model.actuator_gear[:2, 0]
 
     def reset(self, *, seed=None, options=None):
         i = int((options or {}).get("condition", 0))
@@ -119,6 +140,9 @@ class PointMassConditions(gym.Wrapper):
     quadratic: 5 |p|^2 + 0.01 |u|^2 per step."""
 
     dim_state = 4
+    max_steps = 30
+    dt = 0.1  # PointMass.dt: v' = v + dt u, p' = p + dt v', exactly cbfinn/gps guess_dynamics with gains 1
+    accel_gains = np.ones(2)
     train_starts = [(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)]
     test_starts = [(0.7, 0.7), (-0.7, -0.7)]
 
@@ -154,11 +178,17 @@ class PointMassConditions(gym.Wrapper):
 GPS_CONDITIONS = {"Reacher-v5": ReacherConditions, "PointMass-v0": PointMassConditions}
 
 
-def make_conditions_env(env_id: str, render_mode: str | None = None) -> gym.Wrapper:
+def make_conditions_env(env_id: str, render_mode: str | None = None, frame_skip: int | None = None) -> gym.Wrapper:
     """The conditions env of `env_id` (exact state reset per condition), or a
-    one-line error for an env without one."""
+    one-line error for an env without one. `frame_skip` (MuJoCo envs only):
+    simulator steps per env step; None: 5 for Reacher-v5 (dt 0.05 s)."""
     conditions = lookup(GPS_CONDITIONS, env_id, "exact state reset (GPS conditions)", "common/envs/conditions.py")
-    return conditions(gym.make(env_id, render_mode=render_mode))
+    kwargs = {"max_episode_steps": conditions.max_steps}
+    if conditions is ReacherConditions:
+        kwargs["frame_skip"] = 5 if frame_skip is None else int(frame_skip)
+    elif frame_skip is not None:
+        fail(f"--frame-skip applies to MuJoCo envs; '{env_id}' has a fixed time step")
+    return conditions(gym.make(env_id, render_mode=render_mode, **kwargs))
 
 
 def rollout_condition(env, condition: int, T: int, act, seed: int):

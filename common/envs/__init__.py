@@ -35,6 +35,7 @@ from common.jax_envs.mazes import (
     Maze,
 )
 from common.jax_envs.navigation import PointMass, PointNav2D
+from common.jax_envs.obstacles import ObstacleField
 from common.jax_envs.point_robot import PointRobot, SparsePointRobot
 
 
@@ -89,6 +90,10 @@ def _point_mass_entry(render_mode=None, **kwargs):
     return JaxEnv(PointMass(**kwargs), render_mode=render_mode)
 
 
+def _obstacle_field_entry(render_mode=None, **kwargs):
+    return JaxEnv(ObstacleField(**kwargs), render_mode=render_mode)
+
+
 def _point_robot_entry(render_mode=None, sparse=False, **kwargs):
     return JaxEnv((SparsePointRobot if sparse else PointRobot)(**kwargs), render_mode=render_mode)
 
@@ -117,9 +122,12 @@ JAX_ENVS = {
     # PEARL's point robots (oyster rlkit/envs/point_robot.py); the task is the goal.
     "PointRobot-v0": (_point_robot_entry, {"horizon": 20}),
     "SparsePointRobot-v0": (_point_robot_entry, {"horizon": 20, "sparse": True, "goal_radius": 0.2}),
+    # A vehicle in a random field of circles (PLATO); the task is the layout, a crash ends the episode.
+    "ObstacleField-v0": (_obstacle_field_entry, {"horizon": 60}),
 }
 # Fixed episode lengths, enforced by gymnasium's TimeLimit (a truncation).
 MAX_EPISODE_STEPS = {"RandomMDP-v0": 10, "PointNav2D-v0": 100, "PointMass-v0": 30}
+MAX_EPISODE_STEPS["ObstacleField-v0"] = 60
 MAX_EPISODE_STEPS.update({"PointRobot-v0": 20, "SparsePointRobot-v0": 20})
 
 

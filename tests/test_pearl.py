@@ -1,0 +1,385 @@
+"""Tests of PEARL (algos/pearl.py) and its point robots (common/jax_envs/point_robot.py)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli import cli_error, kill_after_checkpoint, run_algo
+from gymnasium.utils.env_checker import check_env
+
+from algos import pearl
+from algos.pearl import (
+    Args,
+    collect_into,
+    config,
+    context_of,
+    dims_of,
+    init_state,
+    kl_to_prior,
+    meta_test_task,
+    policy_loss,
+    posterior,
+    product_of_gaussians,
+    q_loss,
+    sample_batches,
+    task_z,
+    trajectories,
+    vf_loss,
+)
+from common.checks import Divergence
+from common.envs import make_env
+from common.experiment import read_metrics
+from common.jax_envs.point_robot import GoalParams, PointRobot, SparsePointRobot
+
+
+def tiny(env_id="PointRobot-v0", **kw):
+    args = config(Args(**{**dict(env_id=env_id, net_size=16, encoder_size=16, n_train_tasks=6, n_eval_tasks=3,
+                                 meta_batch=4, batch_size=8, embedding_batch_size=8, num_tasks_sample=2,
+                                 num_initial_steps=40, num_steps_prior=40, num_steps_posterior=20,
+                                 num_extra_rl_steps=20, num_train_steps=3, num_steps_per_eval=60), **kw}))
+    env = pearl.make_task_family(env_id)
+    return args, env, dims_of(env)
+
+
+# ----------------------------------------------------------------------------
+# The encoder: product of Gaussians, order invariance, KL
+# ----------------------------------------------------------------------------
+def test_product_of_gaussians_is_the_known_variance_posterior():
+    """n observations x_i of N(m, s^2) with s known, flat prior on m: the posterior is N(mean(x), s^2 / n).
+    Each transition's factor N(x_i, s^2) multiplied together must give exactly that."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (7, 3)) * 2 + 1
+    mu, var = product_of_gaussians(x, jnp.full_like(x, 0.5))
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(var, 0.5 / 7, rtol=1e-5)
+    # unequal variances: against the product of the densities on a grid (1-D)
+    m, v = np.array([0.3, -1.0, 2.0]), np.array([0.5, 2.0, 1.5])
+    grid = np.linspace(-6, 6, 200001)
+    log_p = (-0.5 * (grid[:, None] - m) ** 2 / v).sum(1)
+    p = np.exp(log_p - log_p.max())
+    p /= p.sum()
+    mean = (grid * p).sum()
+    mu1, var1 = product_of_gaussians(jnp.asarray(m)[:, None], jnp.asarray(v)[:, None])
+    assert float(mu1[0]) == pytest.approx(mean, abs=1e-4)
+    assert float(var1[0]) == pytest.approx(((grid - mean) ** 2 * p).sum(), rel=1e-4)
+    # masked rows are left out; no rows at all is the prior N(0, 1)
+    mask = jnp.array([True, False, True])
+    mu2, var2 = product_of_gaussians(jnp.asarray(m)[:, None], jnp.asarray(v)[:, None], mask)
+    mu3, var3 = product_of_gaussians(jnp.asarray(m[[0, 2]])[:, None], jnp.asarray(v[[0, 2]])[:, None])
+    np.testing.assert_allclose([mu2, var2], [mu3, var3], rtol=1e-6)
+    mu0, var0 = product_of_gaussians(jnp.asarray(m)[:, None], jnp.asarray(v)[:, None], jnp.zeros(3, bool))
+    assert float(mu0[0]) == 0.0 and float(var0[0]) == 1.0
+
+
+def test_posterior_is_invariant_to_the_order_of_the_context():
+    args, env, dims = tiny()
+    enc = init_state(jax.random.PRNGKey(0), args, dims).params["encoder"]
+    ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 30, pearl.context_dim(args, dims)))
+    mu, var = posterior(enc, ctx, args)
+    perm = jax.random.permutation(jax.random.PRNGKey(2), 30)
+    mu_p, var_p = posterior(enc, ctx[:, perm], args)
+    np.testing.assert_allclose(mu, mu_p, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(var, var_p, rtol=1e-4, atol=1e-7)
+    # ... and it depends on the context: more evidence, a sharper belief
+    _, var_half = posterior(enc, ctx[:, :15], args)
+    assert np.all(np.asarray(var) < np.asarray(var_half))
+
+
+def test_kl_to_the_prior_equals_its_closed_form_and_numerical_integral():
+    mu, var = jnp.array([[0.5, -1.0], [0.0, 2.0]]), jnp.array([[0.2, 1.0], [1.0, 3.0]])
+    pairs = zip(np.ravel(mu), np.ravel(var), strict=True)
+    closed = sum(np.log(1 / np.sqrt(v)) + (v + m ** 2) / 2 - 0.5 for m, v in pairs)
+    assert float(kl_to_prior(mu, var)) == pytest.approx(closed, rel=1e-5)
+    # one dimension by quadrature: KL = int q log(q / p)
+    grid = np.linspace(-12, 12, 400001)
+    q = np.exp(-0.5 * (grid - 0.5) ** 2 / 0.2) / np.sqrt(2 * np.pi * 0.2)
+    p = np.exp(-0.5 * grid ** 2) / np.sqrt(2 * np.pi)
+    integral = np.sum(q * np.log(np.maximum(q, 1e-300) / p)) * (grid[1] - grid[0])
+    assert float(kl_to_prior(jnp.array([0.5]), jnp.array([0.2]))) == pytest.approx(integral, rel=1e-4)
+    assert float(kl_to_prior(jnp.zeros(5), jnp.ones(5))) == 0.0
+
+
+# ----------------------------------------------------------------------------
+# Gradients: the encoder learns from the Q loss and the KL only
+# ----------------------------------------------------------------------------
+def test_encoder_gets_gradients_from_the_q_loss_only():
+    args, env, dims = tiny()
+    state = init_state(jax.random.PRNGKey(0), args, dims)
+    p = state.params
+    T, B, N = 3, 5, 7
+    k = jax.random.split(jax.random.PRNGKey(1), 6)
+    batch = {"obs": jax.random.normal(k[0], (T, B, 2)), "action": jax.random.uniform(k[1], (T, B, 2), minval=-1),
+             "reward": -jax.random.uniform(k[2], (T, B)), "next_obs": jax.random.normal(k[3], (T, B, 2)),
+             "terminal": jnp.zeros((T, B))}
+    batch["dense_reward"] = batch["reward"]
+    ctx = jax.random.normal(k[4], (T, N, pearl.context_dim(args, dims)))
+    q_params = {"qf1": p["qf1"], "qf2": p["qf2"]}
+
+    def via_z(loss_fn):  # a loss as a function of the encoder, through z ~ q(z | c)
+        def f(enc):
+            z = pearl.per_row(task_z(enc, ctx, k[5], args)[0], batch, args)
+            return loss_fn(z)
+        return jax.grad(f)(p["encoder"])
+
+    norm = lambda g: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(g)))  # noqa: E731
+    g_v = via_z(lambda z: vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z, k[5], args, dims))
+    g_pi = via_z(lambda z: policy_loss(p["policy"], q_params, batch["obs"], z, k[5], args, dims)[0])
+    assert norm(g_v) == 0.0 and norm(g_pi) == 0.0
+    g_q = jax.grad(lambda enc: q_loss(q_params, enc, ctx, batch, p["target_vf"], k[5], args)[0])(p["encoder"])
+    assert norm(g_q) > 1e-3
+    # the Bellman part alone (no KL) still reaches the encoder: through z in Q(s, a, z)
+    no_kl = dataclasses.replace(args, kl_lambda=0.0)
+    g_bellman = jax.grad(lambda enc: q_loss(q_params, enc, ctx, batch, p["target_vf"], k[5], no_kl)[0])(p["encoder"])
+    assert norm(g_bellman) > 1e-6
+    # and the V and policy losses do depend on z (detached, not absent): their value changes with z
+    z0, z1 = jnp.zeros((T, B, args.latent_size)), jnp.ones((T, B, args.latent_size))
+    v0 = vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z0, k[5], args, dims)
+    v1 = vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z1, k[5], args, dims)
+    assert float(v0) != float(v1)
+
+
+# ----------------------------------------------------------------------------
+# Buffers and batches
+# ----------------------------------------------------------------------------
+def test_encoder_buffers_are_cleared_on_recollection_and_batches_come_from_the_right_buffers():
+    args, env, dims = tiny()
+    train, _ = pearl.task_lists(env, args)
+    state = pearl.initial_collection(init_state(jax.random.PRNGKey(0), args, dims), env, train, args, dims)
+    H, init = dims.horizon, trajectories(args.num_initial_steps, dims) * dims.horizon
+    np.testing.assert_array_equal(state.rl.size, init)
+    np.testing.assert_array_equal(state.enc.size, init)
+    ids = jnp.array([1, 4])
+    phases = ((trajectories(args.num_steps_prior, dims), False, True),
+              (trajectories(args.num_steps_posterior, dims), True, True),
+              (trajectories(args.num_extra_rl_steps, dims), True, False))
+    after = collect_into(state, env, train, ids, phases, True, args, dims)
+    enc_steps = (trajectories(args.num_steps_prior, dims) + trajectories(args.num_steps_posterior, dims)) * H
+    all_steps = enc_steps + trajectories(args.num_extra_rl_steps, dims) * H
+    expected_enc = np.full(args.n_train_tasks, init)
+    expected_enc[[1, 4]] = enc_steps  # cleared, then only the prior and posterior steps
+    expected_rl = np.full(args.n_train_tasks, init)
+    expected_rl[[1, 4]] += all_steps
+    np.testing.assert_array_equal(after.enc.size, expected_enc)
+    np.testing.assert_array_equal(after.rl.size, expected_rl)
+    # the other tasks' buffers are untouched; the collected task's data is its own (rewards of its goal)
+    np.testing.assert_array_equal(after.rl.data["obs"][0], state.rl.data["obs"][0])
+    d = after.rl.data
+    goal = train.goal[4]
+    r = -np.linalg.norm(np.asarray(d["next_obs"][4, :init + all_steps]) - np.asarray(goal), axis=-1)
+    np.testing.assert_allclose(d["reward"][4, :init + all_steps], r, atol=1e-5)
+
+    # oyster draws the collected tasks with replacement: a task drawn twice is cleared twice, collected twice
+    twice = pearl.collect_one_by_one(state, env, train, jnp.array([2, 2]), phases, args, dims)
+    assert int(twice.enc.size[2]) == enc_steps and int(twice.rl.size[2]) == init + 2 * all_steps
+
+    # mark every row with its task and buffer; batches must draw from the task's own buffers, filled part only
+    def marked(buf, offset):
+        data = dict(buf.data)
+        n, cap = data["reward"].shape
+        data["reward"] = jnp.broadcast_to(offset + jnp.arange(n)[:, None], (n, cap)).astype(jnp.float32)
+        data["terminal"] = jnp.broadcast_to(jnp.arange(cap) < buf.size[:, None], (n, cap)).astype(jnp.float32)
+        return buf.replace(data=data)
+
+    tasks, ctx, rl = sample_batches(marked(after.rl, 1000.0), marked(after.enc, 2000.0), jax.random.PRNGKey(3),
+                                    args)
+    assert ctx["reward"].shape == (args.meta_batch, args.embedding_batch_size)
+    assert rl["reward"].shape == (args.meta_batch, args.batch_size)
+    np.testing.assert_array_equal(ctx["reward"], 2000 + np.asarray(tasks)[:, None] + 0 * ctx["reward"])
+    np.testing.assert_array_equal(rl["reward"], 1000 + np.asarray(tasks)[:, None] + 0 * rl["reward"])
+    assert float(ctx["terminal"].min()) == 1.0 and float(rl["terminal"].min()) == 1.0  # only filled rows
+    # the context and the RL batch are drawn independently (different rows)
+    assert not np.array_equal(np.asarray(ctx["obs"][:, :8]), np.asarray(rl["obs"][:, :8]))
+
+
+# ----------------------------------------------------------------------------
+# Task families
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id", ["PointRobot-v0", "SparsePointRobot-v0"])
+def test_point_robots_pass_check_env_and_end_at_20_steps(env_id):
+    env = make_env(env_id)
+    check_env(env.unwrapped, skip_render_check=False)
+    env.reset(seed=0)
+    for t in range(20):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        assert (terminated or truncated) == (t == 19)
+
+
+def test_tasks_change_rewards_as_specified():
+    dense, sparse = PointRobot(), SparsePointRobot()
+    g1, g2 = GoalParams(jnp.array([0.5, 0.5])), GoalParams(jnp.array([-0.5, 0.0]))
+    s = jnp.array([0.2, 0.3])
+    s1 = dense.transition(s, jnp.array([0.5, -0.02]), None, g1)  # x clipped to 0.1
+    np.testing.assert_allclose(s1, [0.3, 0.28], atol=1e-6)
+    assert float(dense.reward(s, None, s1, None, g1)) == pytest.approx(-np.hypot(0.2, 0.22), abs=1e-6)
+    assert float(dense.reward(s, None, s1, None, g2)) == pytest.approx(-np.hypot(0.8, 0.28), abs=1e-6)
+    # sparse: 1 - d within radius 0.2 of the goal, 0 outside; the dense reward is kept for the critic
+    g = GoalParams(jnp.array([0.0, 1.0]))
+    for d, expected in ((0.0, 1.0), (0.1, 0.9), (0.199, 0.801), (0.201, 0.0), (0.8, 0.0)):
+        s2 = jnp.array([0.0, 1.0 - d])
+        assert float(sparse.reward(None, None, s2, None, g)) == pytest.approx(expected, abs=1e-5)
+        assert float(sparse.dense_reward(None, None, s2, None, g)) == pytest.approx(-d, abs=1e-5)
+    # starts: uniform in [-1, 1]^2 (dense), the origin (sparse)
+    starts = jax.vmap(lambda k: dense.initial(k, g))(jax.random.split(jax.random.PRNGKey(0), 2000))
+    assert float(jnp.abs(starts).max()) <= 1.0 and float(jnp.abs(starts).mean()) == pytest.approx(0.5, abs=0.03)
+    np.testing.assert_array_equal(sparse.initial(jax.random.PRNGKey(0), g), [0.0, 0.0])
+
+
+def test_fixed_task_splits_are_oysters():
+    train, test = PointRobot().task_splits(80, 20)
+    goals = np.random.RandomState(1337).uniform(-1, 1, size=(100, 2))
+    np.testing.assert_allclose(train.goal, goals[:80], atol=1e-6)
+    np.testing.assert_allclose(test.goal, goals[80:], atol=1e-6)
+    s_train, s_test = SparsePointRobot().task_splits(80, 20)
+    all_goals = np.concatenate([s_train.goal, s_test.goal])
+    np.testing.assert_allclose(np.linalg.norm(all_goals, axis=1), 1.0, atol=1e-5)  # unit half circle
+    assert all_goals[:, 1].min() >= -1e-6
+    angles = np.sort(np.arctan2(all_goals[:, 1], all_goals[:, 0]))
+    np.testing.assert_allclose(angles, np.linspace(0, np.pi, 100), atol=1e-5)  # oyster's 100 evenly spaced, shuffled
+    assert not np.allclose(np.arctan2(s_train.goal[:, 1], s_train.goal[:, 0]), angles[:80])
+    draws = SparsePointRobot().sample_tasks(jax.random.PRNGKey(0), 500).goal
+    np.testing.assert_allclose(jnp.linalg.norm(draws, axis=1), 1.0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Meta-test protocol
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("num_exp", [1, 2])
+def test_meta_test_reinfers_the_posterior_after_each_trajectory_from_its_own_context(num_exp):
+    args, env, dims = tiny("SparsePointRobot-v0", num_exp_traj_eval=num_exp, num_steps_per_eval=80)
+    params = init_state(jax.random.PRNGKey(0), args, dims).params
+    task = GoalParams(jnp.array([0.0, 1.0]))
+    returns, info = meta_test_task(params, env, task, jax.random.PRNGKey(1), args, dims)
+    K, H = 4, dims.horizon
+    assert returns.shape == (K,)
+    # trajectory 1 (and, with num_exp_traj_eval = 2, trajectory 2) acts under the prior
+    np.testing.assert_array_equal(info["mu"][:num_exp], 0.0)
+    np.testing.assert_array_equal(info["var"][:num_exp], 1.0)
+    # every later trajectory acts under q(z | the transitions of all trajectories before it), sparse rewards
+    ctx = context_of(info["traj"], args)  # (K, H, dim)
+    np.testing.assert_allclose(ctx[..., -1], info["traj"]["reward"])
+    for k in range(num_exp, K):
+        mu, var = posterior(params["encoder"], ctx[:k].reshape(k * H, -1), args)
+        np.testing.assert_allclose(info["mu"][k], mu, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(info["var"][k], var, rtol=1e-4, atol=1e-6)
+    # the per-trajectory return is the sum of that trajectory's (sparse) rewards
+    np.testing.assert_allclose(returns, info["traj"]["reward"].sum(1), rtol=1e-5)
+
+
+def test_headline_is_the_last_trajectorys_return(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, _, _ = tiny(num_iterations=1)
+    out = pearl.main(args)
+    final = out["evals"][-1]  # (tasks, runs, K)
+    assert final.shape == (3, args.num_evals, 3)
+    assert out["final_return"] == pytest.approx(float(final[..., -1].mean()), rel=1e-6)
+    assert out["final_first_trajectory_return"] == pytest.approx(float(final[..., 0].mean()), rel=1e-6)
+    (row,) = [r for r in read_metrics(out["run_dir"]) if "eval/return" in r]
+    assert row["eval/return"] == pytest.approx(out["final_return"], rel=1e-5)
+    assert row["global_step"] == 6 * 40 + 2 * (40 + 20 + 20)
+
+
+# ----------------------------------------------------------------------------
+# It learns
+# ----------------------------------------------------------------------------
+def go_to(targets, starts, steps=20):
+    """Return of moving at full speed (0.1 per coordinate) towards `targets` from `starts`, for goals."""
+    def run(target, s, goal):
+        def step(s, _):
+            s = s + jnp.clip(target - s, -0.1, 0.1)
+            return s, -jnp.linalg.norm(s - goal)
+        return jax.lax.scan(step, s, None, length=steps)[1].sum()
+    return run
+
+
+def test_pearl_it_learns_on_the_dense_point_robot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = pearl.main(Args(num_iterations=25, seed=0))
+    # the task-agnostic policy: go to the centre of the goal distribution (the origin), on the same held-out goals
+    env = PointRobot()
+    _, test = env.task_splits(80, 20)
+    starts = jax.vmap(env.initial)(jax.random.split(jax.random.PRNGKey(0), (20, 50)).reshape(-1, 2))
+    goals = jnp.repeat(test.goal, 50, axis=0)
+    agnostic = float(jax.vmap(go_to(None, None))(jnp.zeros_like(goals), starts, goals).mean())
+    assert agnostic == pytest.approx(-15.9, abs=1.5)
+    assert out["final_return"] > agnostic + 3.0, (out["final_return"], agnostic)
+    # it adapts: the last trajectory (posterior) beats the first (z from the prior)
+    assert out["final_return"] > out["final_first_trajectory_return"] + 1.0
+
+
+# ----------------------------------------------------------------------------
+# CLI, resume, divergence, bad input
+# ----------------------------------------------------------------------------
+TINY_FLAGS = ["--net-size", "8", "--encoder-size", "8", "--n-train-tasks", "4", "--n-eval-tasks", "2",
+              "--meta-batch", "2", "--batch-size", "8", "--embedding-batch-size", "8", "--num-tasks-sample", "2",
+              "--num-initial-steps", "20", "--num-steps-prior", "20", "--num-extra-rl-steps", "20",
+              "--num-train-steps", "2"]
+
+
+def test_cli_smoke_sparse_and_save_model(tmp_path):
+    res = run_algo("pearl", "--env-id", "SparsePointRobot-v0", *TINY_FLAGS, "--num-steps-posterior", "20",
+                   "--num-iterations", "2", "--save-model", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/return" in r]
+    assert [r["iteration"] for r in evals] == [1, 2]
+    assert all(0 <= r["eval/return"] <= 20 for r in evals)  # sparse returns: 20 steps of at most 1
+    assert (run_dir / "pearl.msgpack").exists() and "done: final_return" in res.stdout
+
+
+def test_kill_9_then_resume_writes_the_same_metrics(tmp_path):
+    flags = [*TINY_FLAGS, "--num-iterations", "30", "--num-train-steps", "20"]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    res = run_algo("pearl", *flags, cwd=whole)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (whole_dir,) = (whole / "runs").iterdir()
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    per_iter, init = 2 * 40, 4 * 20
+    run_dir, step = kill_after_checkpoint("pearl", *flags, cwd=killed, min_step=init + 3 * per_iter)
+    assert step < init + 30 * per_iter, "the kill landed after the end"
+    res = run_algo("pearl", "--resume", str(run_dir), cwd=killed)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from cli import comparable
+    expected = comparable(read_metrics(whole_dir))
+    assert comparable(read_metrics(run_dir)) == expected and len(expected) == 31
+
+
+def test_divergence_names_the_gradient_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = pearl.kl_to_prior
+    calls = {"n": 0}
+
+    def bad_kl(mu, var):  # NaN from the 2nd iteration's programs on (traced once per compilation)
+        calls["n"] += 1
+        return real(mu, var) * jnp.where(jnp.sum(var) > -1, jnp.nan, 1.0)
+
+    args, _, _ = tiny(num_iterations=2)
+    monkeypatch.setattr(pearl, "kl_to_prior", bad_kl)
+    with pytest.raises(Divergence) as e:
+        pearl.main(args)
+    assert "diverged at gradient step 1: 'loss/kl' is not finite" in str(e.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--env-id", "NoSuchEnv-v0"], "unknown env id"),
+    (["--env-id", "CartPole-v1"], "task family"),
+    (["--env-id", "Pendulum-v1"], "task family"),
+    (["--env-id", "BernoulliBandit5-v0"], "continuous (Box) action space"),
+    (["--num-tasks-sample", "0"], "--num-tasks-sample must be >= 1"),
+    (["--num-steps-per-eval", "0"], "--num-steps-per-eval must be >= 1"),
+    (["--meta-batch", "0"], "--meta-batch must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--num-initial-steps", "0"], "--num-initial-steps must be >= 1"),
+    (["--gamma", "1.5"], "--gamma must be in (0, 1]"),
+    (["--tau", "0"], "--tau must be in (0, 1]"),
+    (["--reward-scale", "-1"], "--reward-scale must be > 0"),
+    (["--total-timesteps", "100"], "does not reach past the initial collection"),
+    (["--buffer-size", "1000000000000"], "needs about"),
+    (["--capture-video"], "--capture-video is not supported"),
+])
+def test_bad_input_is_a_one_line_error(argv, message):
+    assert message in cli_error(pearl, *argv)

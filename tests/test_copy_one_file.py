@@ -35,6 +35,9 @@ TINY = {
     "mb_mpo": ["--horizon", "20", "--random-steps", "100", "--eval-episodes", "1", "--model-hidden", "16",
                "--model-batch-size", "64", "--model-max-epochs", "5", "--policy-hidden", "8", "--meta-batch", "5",
                "--trajectories-per-task", "4", "--meta-steps", "2", "--total-timesteps", "300"],
+    "plato": ["--arm", "bc", "--mpc-horizon", "4", "--mpc-iters", "1", "--mpc-first-iters", "1", "--hidden", "8",
+              "--episodes-per-iteration", "1", "--horizon", "10", "--total-timesteps", "10", "--grad-steps", "2",
+              "--batch-size", "8", "--eval-episodes", "2"],
 }
 
 

@@ -191,7 +191,8 @@ def ensemble_config(args: Args, dims: Dims) -> ens.EnsembleConfig:
     """p_theta(r, s' - s | s, a): inputs (s, a), targets (r, s' - s)."""
     return ens.EnsembleConfig(in_dim=dims.obs_dim + dims.act_dim, out_dim=1 + dims.obs_dim,
                               num_members=args.ensemble_size, num_elites=args.num_elites, hidden=args.model_hidden,
-                              num_layers=args.model_layers, lr=args.model_lr)
+                              num_layers=args.model_layers, lr=args.model_lr,
+                              shared_logvar_bounds=True, init="jannerm")  # jannerm bnn.py, fc.py
 
 
 # ----------------------------------------------------------------------------
@@ -270,6 +271,12 @@ def rollout_length(schedule, epoch: int) -> int:
     return int(min_k + frac * (max_k - min_k))
 
 
+def schedule_epoch(args: Args, step: int) -> int:
+    """The epoch of env step `step` (1-based) for the rollout schedule: epochs count from the end of the random
+    steps, as jannerm/mbpo (softlearning's epoch 0 starts after the initial exploration) and mbrl-lib."""
+    return max(step - args.random_steps - 1, 0) // args.epoch_length
+
+
 def model_rollouts(ens_cfg: ens.EnsembleConfig, term_fn, model_state: ens.EnsembleState, actor_apply,
                    actor_params, model_buf: ReplayBuffer, start_obs, k, key):
     """Branch len(start_obs) rollouts of k (traced) steps: a ~ pi(.|s) (stochastic, as
@@ -314,7 +321,7 @@ def model_phase(args: Args, dims: Dims, term_fn, model: ens.EnsembleState, actor
         model, info = ens.train(cfg, model, np.asarray(x), np.asarray(y), rng, max_epochs=args.model_max_epochs)
     check_finite(step, **{"model/holdout_mse": info["holdout_mse"]})
     with timed("rollouts"):
-        k = rollout_length(args.rollout_schedule, (step - 1) // args.epoch_length)
+        k = rollout_length(args.rollout_schedule, schedule_epoch(args, step))
         start = real_buf.sample(k_start, args.rollout_batch_size)["obs"]  # (M, obs_dim)
         model_buf, alive = rollout_phase(cfg, term_fn, model, actor.apply_fn, actor.params, model_buf, start, k,
                                          k_roll)

@@ -40,6 +40,13 @@ fitted on all rows), stopping="rolling" (a member stops, keeping its current
 weights, once its rolling validation loss rises; persistence rolling_persistence)
 and weight_norm (every dense layer W = g v / ||v||, per output unit).
 
+MBPO's own details (jannerm/mbpo `bnn.py`, `fc.py`) are two more fields:
+shared_logvar_bounds (one [1, out] max/min_logvar for the whole ensemble,
+whose gradient is the sum over members, its regulariser counted once, and
+which the best-epoch snapshot leaves at its final value: the snapshot holds
+weights and biases only) and init="jannerm" (kernels truncated normal with
+std 1 / (2 sqrt(fan_in)), biases zero).
+
 `sample` draws a next target for every row: a uniformly random elite per row,
 then a draw from that elite's Gaussian.
 
@@ -91,6 +98,8 @@ class EnsembleConfig(NamedTuple):
     stopping: str = "best"  # "best": patience on the best loss, best weights restored; "rolling": MB-MPO's rule
     rolling_persistence: float = 0.99  # stopping="rolling": avg <- p avg + (1 - p) loss after every epoch
     weight_norm: bool = False  # weight-normalised dense layers, W = g v / ||v|| (MB-MPO's models)
+    shared_logvar_bounds: bool = False  # one max/min_logvar for all members, not snapshotted (MBPO, jannerm bnn.py)
+    init: str = "lecun"  # kernel init: flax's lecun normal; "jannerm": truncated normal, std 1/(2 sqrt(fan_in))
 
 
 class Normalizer(NamedTuple):
@@ -187,19 +196,21 @@ class Member(nn.Module):
     probabilistic: bool
     activation: str = "swish"
     weight_norm: bool = False
+    init_scheme: str = "lecun"  # EnsembleConfig.init (a Module field may not be called init)
 
     @nn.compact
     def __call__(self, x):  # x (B, in_dim), normalised
         act = nn.relu if self.activation == "relu" else nn.swish
+        kernel_init = jannerm_init if self.init_scheme == "jannerm" else nn.initializers.lecun_normal()
         # Named Dense_i either way, so weight_decay_penalty finds every layer's kernel.
         dense = (lambda n, i: WeightNormDense(n, name=f"Dense_{i}")) if self.weight_norm else (
-            lambda n, i: nn.Dense(n))
+            lambda n, i: nn.Dense(n, kernel_init=kernel_init))
         for i in range(self.num_layers):
             x = act(dense(self.hidden, i)(x))
         if not self.probabilistic:
             mean = dense(self.out_dim, self.num_layers)(x)
             return mean, jnp.zeros_like(mean)
-        out = nn.Dense(2 * self.out_dim)(x)
+        out = nn.Dense(2 * self.out_dim, kernel_init=kernel_init)(x)
         mean, raw = out[..., : self.out_dim], out[..., self.out_dim:]
         max_lv = self.param("max_logvar", lambda _: jnp.full((self.out_dim,), 0.5))
         min_lv = self.param("min_logvar", lambda _: jnp.full((self.out_dim,), -10.0))
@@ -208,8 +219,37 @@ class Member(nn.Module):
         return mean, logvar
 
 
+def jannerm_init(key, shape, dtype=jnp.float32):
+    """Truncated normal (within 2 std, not rescaled: TF's truncated_normal_initializer) with std 1 / (2 sqrt(fan_in))
+    (jannerm/mbpo `fc.py`); shape (fan_in, fan_out)."""
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / (2.0 * np.sqrt(shape[0]))
+
+
 def member_module(cfg: EnsembleConfig) -> Member:
-    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic, cfg.activation, cfg.weight_norm)
+    return Member(cfg.hidden, cfg.num_layers, cfg.out_dim, cfg.probabilistic, cfg.activation, cfg.weight_norm,
+                  cfg.init)
+
+
+BOUNDS = ("max_logvar", "min_logvar")
+
+
+def share_bound_grads(cfg: EnsembleConfig, grads):
+    """shared_logvar_bounds: every member's copy of max/min_logvar gets the sum of the members' gradients, the
+    gradient of one variable used by all of them; with equal starts and Adam elementwise, the copies stay equal."""
+    if not (cfg.probabilistic and cfg.shared_logvar_bounds):
+        return grads
+    p = dict(grads["params"])
+    for name in BOUNDS:
+        p[name] = jnp.broadcast_to(p[name].sum(0, keepdims=True), p[name].shape)
+    return {**grads, "params": p}
+
+
+def snapshot_restore(cfg: EnsembleConfig, best, current):
+    """The parameters a fit ends with: the best epoch's, but (shared_logvar_bounds) the bounds' final values,
+    jannerm's snapshot holding weights and biases only (bnn.py `_save_state` / `_set_state`)."""
+    if not (cfg.probabilistic and cfg.shared_logvar_bounds):
+        return best
+    return {**best, "params": {**best["params"], **{name: current["params"][name] for name in BOUNDS}}}
 
 
 def create(cfg: EnsembleConfig, key) -> EnsembleState:
@@ -259,14 +299,16 @@ def member_losses(cfg: EnsembleConfig, params, norm: Normalizer, x, y):
 
     Probabilistic: Gaussian NLL up to constants, mean over batch and dims of
         (mu - y)^2 exp(-logvar) + logvar,
-    plus 0.01 (sum max_logvar - sum min_logvar) (PETS soft-bound regulariser).
+    plus 0.01 (sum max_logvar - sum min_logvar) (PETS soft-bound regulariser; with shared_logvar_bounds a 1/E
+    share per member, so that the ensemble's summed loss counts it once, as jannerm's).
     Deterministic: mean squared error. Both plus the L2 weight decay."""
     mean, logvar = apply_members(cfg, params, norm, x)
     y_n = (y - norm.out_mean) / norm.out_std
     if cfg.probabilistic:
         loss = jnp.mean((mean - y_n) ** 2 * jnp.exp(-logvar) + logvar, axis=(1, 2))
         p = params["params"]
-        loss = loss + 0.01 * (p["max_logvar"].sum(-1) - p["min_logvar"].sum(-1))
+        share = 1.0 / cfg.num_members if cfg.shared_logvar_bounds else 1.0
+        loss = loss + share * 0.01 * (p["max_logvar"].sum(-1) - p["min_logvar"].sum(-1))
     else:
         loss = jnp.mean((mean - y_n) ** 2, axis=(1, 2))
     return loss + weight_decay_penalty(cfg, params)
@@ -319,7 +361,7 @@ def train_epoch(cfg: EnsembleConfig, params, opt_state, norm, best_params, best_
         # repeated rows, as a fixed shape needs).
         slot = (i * cfg.batch_size + jnp.arange(cfg.batch_size)) % n_train
         rows = order[:, slot]  # (E, batch)
-        grads = grad_fn(params, x[rows], y[rows])
+        grads = share_bound_grads(cfg, grad_fn(params, x[rows], y[rows]))
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -411,6 +453,7 @@ def train(cfg: EnsembleConfig, state: EnsembleState, inputs, targets, rng: np.ra
         since_update = 0 if bool(improved) else since_update + 1
         if since_update > cfg.patience:
             break
+    best_params = snapshot_restore(cfg, best_params, params)
     losses = holdout_mse(cfg, best_params, norm, data[4], data[5], data[6])
     elites = jnp.argsort(losses)[: cfg.num_elites].astype(jnp.int32)
     info = {"holdout_mse": np.asarray(losses), "epochs": epoch, "holdout_curve": np.asarray(curve),
@@ -487,7 +530,7 @@ def _train_member_splits(cfg: EnsembleConfig, state: EnsembleState, inputs, targ
             since_update = 0 if bool(improved) else since_update + 1
             if since_update > cfg.patience:
                 break
-    final = params if cfg.stopping == "rolling" else best_params
+    final = params if cfg.stopping == "rolling" else snapshot_restore(cfg, best_params, params)
     losses = holdout_mse(cfg, final, norm, data[4], data[5], data[6])
     elites = jnp.argsort(losses)[: cfg.num_elites].astype(jnp.int32)
     stopped_at[stopped_at < 0] = epoch - 1

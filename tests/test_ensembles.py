@@ -288,3 +288,74 @@ def test_std_floor_floors_the_normaliser():
     state, _ = ens.train(cfg, ens.create(cfg, jax.random.PRNGKey(0)), x, y, rng, max_epochs=1, holdout=(x, y))
     np.testing.assert_allclose(np.asarray(state.norm.in_std), np.asarray(norm.in_std), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(state.norm.out_std), np.asarray(norm.out_std), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# MBPO's details (jannerm/mbpo bnn.py, fc.py): shared log-variance bounds, the weights-only snapshot, the init
+# ----------------------------------------------------------------------------
+def test_shared_logvar_bounds_get_the_gradient_of_one_variable():
+    """With shared_logvar_bounds, each member's copy of max/min_logvar receives the gradient of a single variable
+    used by every member: the sum over members of their NLL gradients plus the regulariser's once (0.01)."""
+    cfg = ens.EnsembleConfig(in_dim=2, out_dim=2, shared_logvar_bounds=True, **SMALL)
+    state = ens.create(cfg, jax.random.PRNGKey(0))
+    x, y = known_function(64, np.random.default_rng(0))
+    xb, yb = (jnp.broadcast_to(jnp.asarray(a), (cfg.num_members, *a.shape)) for a in (x, y))
+    grads = ens.share_bound_grads(cfg, jax.grad(lambda p: ens.member_losses(cfg, p, state.norm, xb, yb).sum())(
+        state.params))
+
+    def one_variable(lv):  # the ensemble's loss as a function of ONE max_logvar (1, out) shared by all members
+        p = {**state.params, "params": {**state.params["params"],
+                                        "max_logvar": jnp.broadcast_to(lv, (cfg.num_members, cfg.out_dim))}}
+        plain = cfg._replace(shared_logvar_bounds=False)
+        nll = ens.member_losses(plain, p, state.norm, xb, yb).sum()
+        # member_losses (not shared) counts the regulariser E times; the shared variable's loss counts it once
+        return nll - (cfg.num_members - 1) * 0.01 * lv.sum()
+
+    want = jax.grad(one_variable)(state.params["params"]["max_logvar"][:1])
+    got = grads["params"]["max_logvar"]
+    np.testing.assert_allclose(np.asarray(got), np.broadcast_to(np.asarray(want), got.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_bounds_stay_one_variable_through_a_fit(shared):
+    """A fit with early stopping at best epochs before the last: shared bounds have moved and are equal across
+    members; per-member bounds differ between members."""
+    cfg = ens.EnsembleConfig(in_dim=2, out_dim=2, batch_size=16, bootstrap=False, improvement=0.0, patience=400,
+                             lr=1e-2, normalize_outputs=True, shared_logvar_bounds=shared, num_members=4,
+                             num_elites=2, hidden=64, num_layers=2)
+    rng, x, y, xh, yh = overfitting_problem()
+    start = ens.create(cfg, jax.random.PRNGKey(0))
+    state, info = ens.train(cfg, start, x, y, rng, max_epochs=60, holdout=(xh, yh))
+    assert np.all(info["holdout_curve"].argmin(0) < 59)  # every member's best is an earlier epoch
+    lv = np.asarray(state.params["params"]["max_logvar"])
+    assert np.abs(lv - np.asarray(start.params["params"]["max_logvar"])).max() > 1e-3
+    spread = np.abs(lv - lv[:1]).max()
+    assert (spread < 1e-6) if shared else (spread > 1e-6), spread
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_snapshot_restores_weights_and_biases_only_with_shared_bounds(shared):
+    """jannerm bnn.py `_set_state` restores each member's best weights and biases; the bounds keep their final
+    values. Per-member bounds (shared=False) come back from the best epoch with the weights."""
+    cfg = ens.EnsembleConfig(in_dim=2, out_dim=2, shared_logvar_bounds=shared, **SMALL)
+    best = ens.create(cfg, jax.random.PRNGKey(0)).params
+    current = jax.tree.map(lambda a: a + 1.0, best)
+    out = ens.snapshot_restore(cfg, best, current)["params"]
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+        np.testing.assert_array_equal(out[name]["kernel"], best["params"][name]["kernel"])
+        np.testing.assert_array_equal(out[name]["bias"], best["params"][name]["bias"])
+    for name in ("max_logvar", "min_logvar"):
+        np.testing.assert_array_equal(out[name], (current if shared else best)["params"][name])
+
+
+def test_jannerm_init_is_a_truncated_normal_of_std_one_over_two_sqrt_fan_in():
+    cfg = ens.EnsembleConfig(in_dim=10, out_dim=3, hidden=200, num_layers=2, init="jannerm")
+    p = ens.create(cfg, jax.random.PRNGKey(0)).params["params"]
+    for name, fan_in in (("Dense_0", 10), ("Dense_1", 200), ("Dense_2", 200)):
+        w, b = np.asarray(p[name]["kernel"]), np.asarray(p[name]["bias"])
+        std = 1 / (2 * np.sqrt(fan_in))
+        assert np.abs(w).max() <= 2 * std + 1e-7  # truncated at two standard deviations
+        assert abs(w.std() / std - 0.880) < 0.03, w.std() / std  # a N(0, 1) cut at +-2 has std 0.880
+        assert np.all(b == 0)
+    lecun = ens.create(cfg._replace(init="lecun"), jax.random.PRNGKey(0)).params["params"]["Dense_1"]["kernel"]
+    assert abs(float(np.asarray(lecun).std()) * np.sqrt(200) - 1.0) < 0.05  # flax's default: std 1 / sqrt(fan_in)

@@ -116,6 +116,15 @@ def test_rollout_length_schedule():
     assert [mbpo.rollout_length((1, 15, 1, 1), e) for e in (0, 7, 99)] == [1, 1, 1]
 
 
+def test_rollout_schedule_counts_epochs_after_the_random_steps():
+    """Hopper (5,000 random steps, epochs of 1,000): the first model phase (step 5,001) is epoch 0, step 35,000
+    epoch 29 (k = 1 + 9/130 x 14 -> 1), not epoch 34 as counted from the first env step."""
+    args = mbpo.resolve(mbpo.Args(env_id="Hopper-v5"), act_dim=3)
+    assert (args.random_steps, args.epoch_length) == (5000, 1000)
+    assert [mbpo.schedule_epoch(args, s) for s in (5001, 6000, 6001, 35_000)] == [0, 0, 1, 29]
+    assert mbpo.rollout_length(args.rollout_schedule, mbpo.schedule_epoch(args, 35_000)) == 1
+
+
 def test_model_rollouts_shapes_and_termination_masking():
     obs_dim, act_dim, m, k = 3, 2, 64, 4
     cfg = ens.EnsembleConfig(obs_dim + act_dim, 1 + obs_dim, num_members=3, num_elites=2, hidden=16,

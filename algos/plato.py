@@ -93,7 +93,7 @@ class Args(CommonArgs):
     eval_episodes: int = 50
     """held-out layouts the learner is evaluated on (one episode each)"""
     num_seeds: int = 1
-    """independent training runs, vmapped in one jitted program"""
+    """independent training runs, vmapped in one jitted program; run i is the run of --seed (seed + i)"""
     arm: Literal["plato", "dagger", "bc"] = "plato"
     """plato: the adaptive MPC acts; dagger: the learner acts (MPC labels); bc: the unconstrained MPC acts"""
     lam: float = 1.0
@@ -512,9 +512,10 @@ jit_static = functools.partial(jax.jit, static_argnames=("env", "args", "first")
 
 
 @functools.partial(jax.jit, static_argnames=("env", "args"))
-def start(key, env, args: Args):
-    """Every seed's fresh carry (leading axis: seed) and the untrained learners' held-out evaluation."""
-    carry = jax.vmap(lambda k: init_carry(k, env, args))(jax.random.split(key, args.num_seeds))
+def start(keys, env, args: Args):
+    """Every seed's fresh carry (leading axis: seed; run i from keys[i]) and the untrained learners'
+    held-out evaluation."""
+    carry = jax.vmap(lambda k: init_carry(k, env, args))(keys)
     return carry, jax.vmap(lambda p: evaluate(p, env, args))(carry.train_state.params)
 
 
@@ -565,7 +566,9 @@ METRICS = ("train/crashes", "train/successes", "train/action_gap", "train/kl", "
 def main(args: Args) -> dict:
     validate(args)
     env = make_task(args)
-    key = seed_everything(args.seed)
+    seed_everything(args.seed)
+    # run i of --num-seeds N is the run of --seed (seed + i) alone: its key is PRNGKey(seed + i)
+    keys = jnp.stack([jax.random.PRNGKey(args.seed + i) for i in range(args.num_seeds)])
     run = Run(args)
     K = num_iterations(args)
     progress = Progress(f"PLATO ({args.arm}{f', lambda {args.lam:g}' if args.arm == 'plato' else ''}) on "
@@ -573,7 +576,7 @@ def main(args: Args) -> dict:
                         f"{args.num_seeds} seed(s)", K + 1, unit="iterations", start=run.start_step,
                         compiling="the MPC episodes, the supervised learning and the evaluation")
     with run.timed("train"):
-        carry, eval0 = jax.block_until_ready(start(key, env, args))
+        carry, eval0 = jax.block_until_ready(start(keys, env, args))
     # The checkpoint: every seed's carry (params, Adam state, the whole dataset, iteration, key) and the
     # per-iteration metrics; row 0 of the eval metrics is the untrained learner.
     state = run.restore({"carry": carry,

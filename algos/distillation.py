@@ -35,13 +35,11 @@ trunk and that game's head; each head has the game's own number of actions
 (outputs beyond it are masked out). MinAtar games have 4 to 7 input channels:
 the student sees every game zero-padded to the most channels of the set.
 
-Run (the teachers of benchmarks/teachers/ are used by default):
-    python -m algos.distillation                                    # Breakout, KL, a 1/4 student: about 2 min
-    python -m algos.distillation --loss mse --num-seeds 3
-    python -m algos.distillation --games Breakout-MinAtar-v0 Asterix-MinAtar-v0 Freeway-MinAtar-v0 \\
-        SpaceInvaders-MinAtar-v0 --student-channels 16 --student-hidden 128     # multi-task
-    python -m algos.distillation --phase teacher --env-id Asterix-MinAtar-v0 \\
-        --total-timesteps 2000000 --teacher-out benchmarks/teachers   # train (and keep) a teacher
+Run:
+    python -m algos.distillation                                  # Breakout, KL, a 1/4-size student: about 2 min
+    python -m algos.distillation --loss mse --num-seeds 3         # another loss, 3 seeds in one jitted program
+    python -m algos.distillation --games Breakout-MinAtar-v0 Asterix-MinAtar-v0   # multi-task: one student, 2 heads
+    python -m algos.distillation --phase teacher --env-id Asterix-MinAtar-v0 --teacher-out benchmarks/teachers
 
 Algorithm (numbers mark the code below):
   Teacher phase (DQN, Mnih et al. 2015 at MinAtar's sizes, Young & Tian 2019):
@@ -697,7 +695,10 @@ def main_distill(args: Args, key, spec: Spec) -> dict:
         per_game = {f"eval/{g.env_id}/return": np.asarray(scores)[:, j] for j, g in enumerate(spec.games)}
         run.log({**metrics, **per_game, "eval/teacher_return": teacher_score}, step, echo=False)
         progress.update(step, metrics, ["eval/return", "eval/relative", f"loss/{args.loss}"])
-        if run.checkpoint_due(step, i * rounds * G):
+        # a checkpoint every --checkpoint-interval updates, else every evaluation (Run.checkpoint_due
+        # counts in --eval-interval's env steps, the teacher phase's unit)
+        every = args.checkpoint_interval or rounds * G
+        if step // every > i * rounds * G // every:
             run.save(state, step)
     run.save(state, total)
     final = state["evals"][-1]  # (S, G)

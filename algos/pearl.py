@@ -91,7 +91,8 @@ OYSTER = {
     "default": dict(n_train_tasks=2, n_eval_tasks=2, meta_batch=16, num_iterations=500, num_initial_steps=2000,
                     num_tasks_sample=5, num_steps_prior=400, num_steps_posterior=0, num_extra_rl_steps=400,
                     num_train_steps=2000, num_evals=2, num_steps_per_eval=600, batch_size=256,
-                    embedding_batch_size=64, gamma=0.99, reward_scale=5.0, kl_lambda=0.1, num_exp_traj_eval=1),
+                    embedding_batch_size=64, gamma=0.99, reward_scale=5.0, kl_lambda=0.1, num_exp_traj_eval=1,
+                    learning_rate=3e-4),
     "PointRobot-v0": dict(n_train_tasks=80, n_eval_tasks=20, num_initial_steps=200, num_steps_prior=200,
                           num_steps_posterior=0, num_extra_rl_steps=200, num_train_steps=1000,
                           num_steps_per_eval=60, reward_scale=100.0, kl_lambda=0.1),
@@ -100,7 +101,7 @@ OYSTER = {
                                 num_train_steps=1000, num_steps_per_eval=400, embedding_batch_size=1024,
                                 gamma=0.9, reward_scale=100.0, kl_lambda=1.0, num_exp_traj_eval=5),
 }
-# The default (CPU) setting changes four of oyster's values; --oyster restores them all (launch_experiment.py:
+# The default (CPU) setting changes five of oyster's values; --oyster restores them all (launch_experiment.py:
 # 300-unit networks, a 200-unit encoder). At 64 units and kl_lambda 0.1 the encoder's means grew to ~10 and the
 # Q loss rose for 29k gradient steps with no learning (docs/pearl.md); with kl_lambda 1.0 (oyster's value for
 # the sparse robot) it learns.
@@ -115,15 +116,15 @@ class Args(CommonArgs):
     total_timesteps: int | None = None
     """stop after the iteration that reaches this many env steps (None: --num-iterations decides)"""
     num_iterations: int = 40
-    """meta-training iterations (oyster: 500); the default run's 40 take a few minutes on a 2-core CPU"""
+    """meta-training iterations (oyster: 500); the default run's 40 take about 3-5 minutes on a 2-core CPU"""
     eval_interval: int = 1
     """meta-test every this many iterations (oyster: every iteration)"""
     checkpoint_interval: int | None = None
     """write the resumable checkpoint every this many iterations (None: at every evaluation)"""
     oyster: bool = False
     """oyster's whole configuration for --env-id (300-unit networks, 200-unit encoder, its batch, gradient steps
-    and KL weight); the default is the CPU setting: 64-unit networks and encoder, RL batch 64, 500 gradient steps
-    per iteration, kl_lambda 1.0, the rest oyster's"""
+    and KL weight); the default is the CPU setting: 64-unit networks and encoder, RL batch 64, 500 gradient
+    steps per iteration, kl_lambda 1.0, the rest oyster's"""
     net_size: int | None = None
     """units of each of the 3 hidden layers of the policy, Q and V networks (oyster: 300; CPU setting 64)"""
     encoder_size: int | None = None
@@ -132,8 +133,8 @@ class Args(CommonArgs):
     """dimension of the task variable z"""
     use_next_obs_in_context: bool = False
     """give the encoder (s, a, r, s') instead of (s, a, r) (oyster: for tasks that change the dynamics)"""
-    learning_rate: float = 3e-4
-    """Adam step size of all five optimisers (policy, Q1, Q2, V, encoder)"""
+    learning_rate: float | None = None
+    """Adam step size of all five optimisers (policy, Q1, Q2, V, encoder) (oyster: 3e-4)"""
     tau: float = 0.005
     """Polyak rate of the target V network"""
     policy_mean_reg: float = 1e-3
@@ -167,7 +168,7 @@ class Args(CommonArgs):
     embedding_batch_size: int | None = None
     """context transitions per task per gradient step"""
     gamma: float | None = None
-    """discount"""
+    """discount (oyster: 0.99, sparse robot 0.9)"""
     reward_scale: float | None = None
     """multiplies the reward in the Bellman target (SAC's entropy weight is 1 / reward_scale)"""
     kl_lambda: float | None = None

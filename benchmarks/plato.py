@@ -8,7 +8,7 @@ MPC acts). Here, on the 2-D obstacle corridor of common/jax_envs/obstacles.py,
 each arm of algos/plato.py is run with the same settings and seeds (one
 process, the seeds vmapped in one program per arm):
   - plato (lambda = 1), dagger (beta = 0), dagger with beta = 0.5 mixing, bc;
-  - a lambda sweep of PLATO (lambda = 0.1, 1, 10);
+  - a lambda sweep of PLATO (lambda = 0.1, 0.3, 1, 3, 10);
 and reported: crashes per training iteration and cumulative (iterations
 1..K; iteration 0, where the unconstrained MPC acts, is the same for all),
 the learner's success rate and cost on 50 held-out layouts after every
@@ -23,7 +23,7 @@ better, and clearly better than BC's; the whole benchmark under 30 minutes.
 
 Run:
     python -m benchmarks.plato --quick   # 2 seeds, 3 iterations, plato/dagger/bc only: about 4 minutes (2-core CPU)
-    python -m benchmarks.plato --save    # 5 seeds, 10 iterations, every arm and the sweep
+    python -m benchmarks.plato --save    # 5 seeds, 10 iterations, every arm and the sweep: about 8 minutes
     python -m benchmarks.plato --replot  # redraw benchmarks/plots/plato.png from the saved JSON
 Writes plato.json and plato.png to benchmarks/out/ (with --save: benchmarks/results/ and benchmarks/plots/).
 """
@@ -51,6 +51,8 @@ ARMS = {
     "dagger_beta0.5": {"arm": "dagger", "beta": 0.5},
     "bc": {"arm": "bc"},
     "plato_lam0.1": {"arm": "plato", "lam": 0.1},
+    "plato_lam0.3": {"arm": "plato", "lam": 0.3},
+    "plato_lam3": {"arm": "plato", "lam": 3.0},
     "plato_lam10": {"arm": "plato", "lam": 10.0},
 }
 CORE = ("plato", "dagger", "bc")
@@ -139,9 +141,9 @@ def summarise(arms: dict) -> dict:
 def draw(record: dict):
     arms, K = record["arms"], record["iterations"]
     its = np.arange(K + 1)
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.9))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 3.9))
     colours = {"plato": "C0", "dagger": "C3", "dagger_beta0.5": "C1", "bc": "C2", "plato_lam0.1": "C9",
-               "plato_lam10": "C4"}
+               "plato_lam0.3": "C8", "plato_lam3": "C5", "plato_lam10": "C4"}
     for name, r in arms.items():
         c, ls = colours.get(name), "--" if name.startswith("plato_lam") else "-"
         crashes = np.asarray(r["crashes"], float)
@@ -151,13 +153,21 @@ def draw(record: dict):
             mean, half = ci95(y)
             ax.plot(its, mean, ls, color=c, label=name, marker="o", ms=3)
             ax.fill_between(its, mean - half, mean + half, color=c, alpha=0.15, linewidth=0)
+        # the trade-off: training crashes against the final learner's held-out success, 95% CIs both ways
+        cx, hx = ci95(np.asarray(r["crashes"])[:, 1:].sum(1))
+        sy, hy = ci95(np.asarray(r["eval_success"])[:, -1])
+        axes[4].errorbar(cx, sy, xerr=hx, yerr=hy, fmt="o", color=c, capsize=3)
+        axes[4].annotate(name.replace("plato_lam", "lambda "), (cx, sy), xytext=(4, 4), textcoords="offset points",
+                         fontsize=7, color=c)
+    axes[4].set(xlabel=f"training crashes per seed (iterations 1..{K})", ylabel="final held-out success")
     if record.get("mpc_success") is not None:
         axes[2].axhline(record["mpc_success"], color="k", ls=":", lw=1, label="unconstrained MPC")
     n = len(record["seeds"])
-    for ax, title in zip(axes, ("crashes per iteration", "cumulative training crashes", "held-out success rate",
+    for ax, title in zip(axes[:4], ("crashes per iteration", "cumulative training crashes", "held-out success rate",
                                 "held-out cost (distance to go, m s)"), strict=True):
         ax.set(xlabel="training iteration", title=title)
     axes[0].set_ylabel(f"of {record['episodes_per_iteration']} episodes")
+    axes[4].set_title("crashes vs final success (lambda sweep)")
     axes[2].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"PLATO / DAgger / BC on ObstacleField-v0: mean of {n} seeds, 95% CI bands; "
                  f"{record['eval_episodes']} held-out layouts", fontsize=10)

@@ -1,12 +1,13 @@
 """Tests of PLATO (algos/plato.py) and its task, ObstacleField-v0 (common/jax_envs/obstacles.py)."""
 
+import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import ROOT, cli_error, one_line_error, run_algo
+from cli import ROOT, cli_error, comparable, one_line_error, run_algo
 from gymnasium.utils.env_checker import check_env
 
 from algos import plato
@@ -27,6 +28,7 @@ from algos.plato import (
 )
 from common.checkpoints import load_checkpoint
 from common.envs import make_env
+from common.experiment import read_metrics
 from common.jax_envs.obstacles import ObstacleParams, clearance, ray_distances
 
 SMALL = dict(mpc_horizon=8, mpc_iters=2, mpc_first_iters=6, hidden=(16,), episodes_per_iteration=2,
@@ -298,6 +300,31 @@ def test_plato_it_learns(tmp_path, monkeypatch):
     out = main(Args(total_timesteps=3 * 8 * 60, mpc_horizon=12, eval_episodes=30, seed=0))
     print(out["final_success"], out["initial_success"], out["training_crashes"])
     assert out["final_success"] >= out["initial_success"] + 0.3, (out["final_success"], out["initial_success"])
+
+
+def test_kill_then_resume_writes_the_same_metrics(tmp_path, monkeypatch):
+    """A run stopped in its third iteration (after the checkpoint of iteration 2) and resumed writes the same
+    metrics as the run that was not stopped: the checkpoint holds the params, Adam state, dataset and keys."""
+    monkeypatch.chdir(tmp_path)
+    args = Args(**{**SMALL, "total_timesteps": 3 * 2 * 20, "arm": "bc", "exp_name": "whole"})
+    whole = main(args)
+    real, calls = plato.run_iteration, []
+
+    def stops_at_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(plato, "run_iteration", stops_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(dataclasses.replace(args, exp_name="killed"))
+    monkeypatch.setattr(plato, "run_iteration", real)
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if "killed" in d.name]
+    resumed = main(dataclasses.replace(args, exp_name="killed", resume=str(run_dir)))
+    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(whole["run_dir"]))
+    assert len(read_metrics(run_dir)) == 5  # iterations 0..3 and the summary
+    np.testing.assert_array_equal(resumed["carry"].data.obs, whole["carry"].data.obs)
 
 
 def test_cli_smoke(tmp_path):

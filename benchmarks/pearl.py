@@ -189,7 +189,7 @@ def speed(a) -> dict:
 
     from algos import pearl as p
 
-    args = p.config(p.Args(env_id="PointRobot-v0", oyster=True))
+    args = p.config(p.Args(env_id="PointRobot-v0", oyster=True, num_train_steps=a.speed_train_steps or None))
     env = p.make_task_family(args.env_id)
     dims = p.dims_of(env)
     train, _ = p.task_lists(env, args)
@@ -205,7 +205,8 @@ def speed(a) -> dict:
         state, _ = jax.block_until_ready(p.iteration(state, env, train, args, dims))
         reps.append((time.process_time() - c0, time.perf_counter() - t0))
     res["iteration"] = {"cpu_seconds": float(np.mean([r[0] for r in reps])),
-                        "wall_seconds": float(np.mean([r[1] for r in reps])), "reps": reps}
+                        "wall_seconds": float(np.mean([r[1] for r in reps])), "reps": reps,
+                        "cpu_per_wall": float(sum(r[0] for r in reps) / sum(r[1] for r in reps))}
     # one gradient step alone
     _, ctx, batch = p.sample_batches(state.rl, state.enc, jax.random.PRNGKey(1), args)
     step = jax.jit(lambda s, c, b: p.gradient_step(s, p.context_of(c, args), b, args, dims))
@@ -241,6 +242,7 @@ def main(argv=None):
     p.add_argument("--max-minutes", type=float, default=None, help="stop a run after this long (keeps its curve)")
     p.add_argument("--speed", action="store_true", help="time one training iteration instead (see the docstring)")
     p.add_argument("--reps", type=int, default=1, help="--speed: timed iterations after the warm-up one")
+    p.add_argument("--speed-train-steps", type=int, default=0, help="--speed: gradient steps (0: oyster's 1000)")
     p.add_argument("--name", default="pearl", help="results name")
     p.add_argument("--replot", action="store_true", help="redraw the saved record's plot, run nothing")
     a = harness.parse(p, argv)

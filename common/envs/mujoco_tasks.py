@@ -4,13 +4,17 @@ The locomotion families of MAML (HalfCheetahVel-v0, HalfCheetahDir-v0,
 AntDir-v0): gymnasium wrappers whose reward depends on a task, set with
 `reset(options={"task": t})`, drawn with `sample_tasks(key, n)`.
 `task_family_of(env)` finds the family inside a made env. The ids are
-registered in common/envs/__init__.py from `TASK_FAMILIES`.
+registered in common/envs/__init__.py from `TASK_FAMILIES`. PEARL's versions
+(HalfCheetahVelOyster-v0: targets U[0, 3]; AntDirOyster-v0: directions in the
+plane) add oyster's fixed seed-1337 task lists and train/test splits; its
+cheetah-dir is HalfCheetahDir-v0 (the same reward, directions +-1).
 """
 
 from __future__ import annotations
 
 import gymnasium as gym
 import jax
+import numpy as np
 
 
 # --------------------------------------------------------------------------
@@ -51,13 +55,14 @@ class TaskFamily(gym.Wrapper):
 
 
 class HalfCheetahVel(TaskFamily):
-    """Run at a target velocity v ~ U[0, 2]: r = -|v_x - v| - 0.05 |a|^2."""
+    """Run at a target velocity v ~ U[0, max_velocity]: r = -|v_x - v| - 0.05 |a|^2 (MAML: max_velocity 2)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, max_velocity: float = 2.0, **kwargs):
+        self.max_velocity = float(max_velocity)
         super().__init__(gym.make("HalfCheetah-v5", ctrl_cost_weight=0.05, **kwargs), task=1.0)
 
     def sample_tasks(self, key, n: int):
-        return jax.random.uniform(key, (n,), minval=0.0, maxval=2.0)
+        return jax.random.uniform(key, (n,), minval=0.0, maxval=self.max_velocity)
 
     def task_reward(self, info, task):
         return -abs(info["x_velocity"] - float(task)) + info["reward_ctrl"]
@@ -91,7 +96,50 @@ class AntDir(TaskFamily):
         return float(task) * info["x_velocity"] + info["reward_ctrl"] + info["reward_contact"] + info["reward_survive"]
 
 
-TASK_FAMILIES = {"HalfCheetahVel-v0": HalfCheetahVel, "HalfCheetahDir-v0": HalfCheetahDir, "AntDir-v0": AntDir}
+# PEARL's versions (katerakelly/oyster rlkit/envs/half_cheetah_vel.py, ant_dir.py, configs/*.json): fixed task
+# lists drawn once with np.random.seed(1337), meta-training on the first n_train, meta-test on the last n_test.
+class HalfCheetahVelOyster(HalfCheetahVel):
+    """oyster's cheetah-vel: targets U[0, 3] (not MAML's [0, 2]), 100 train / 30 test tasks."""
+
+    def __init__(self, **kwargs):
+        super().__init__(max_velocity=3.0, **kwargs)
+
+    def oyster_tasks(self, n: int = 130):
+        return np.random.RandomState(1337).uniform(0.0, 3.0, size=(n,)).astype(np.float32)
+
+    def task_splits(self, n_train: int = 100, n_test: int = 30):
+        tasks = self.oyster_tasks(n_train + n_test)
+        return tasks[:n_train], tasks[n_train:]
+
+
+class AntDirOyster(TaskFamily):
+    """oyster's ant-dir as released (forward_backward=False): a direction theta ~ U[0, 2 pi) in the plane,
+    r = v_xy . (cos theta, sin theta) - 0.5 |a|^2 - 5e-4 |clip(cfrc_ext, -1, 1)|^2 + 1 while healthy (torso
+    height in [0.2, 1], else the episode ends); observation qpos[2:], qvel (no contact forces); 2 train and 2
+    test directions. (oyster measures the torso's centre of mass; gymnasium's x/y velocity is the torso's.)"""
+
+    def __init__(self, **kwargs):
+        super().__init__(gym.make("Ant-v5", ctrl_cost_weight=0.5, contact_cost_weight=5e-4, healthy_reward=1.0,
+                                  healthy_z_range=(0.2, 1.0), include_cfrc_ext_in_observation=False, **kwargs),
+                         task=0.0)
+
+    def sample_tasks(self, key, n: int):
+        return jax.random.uniform(key, (n,), minval=0.0, maxval=2 * np.pi)
+
+    def oyster_tasks(self, n: int = 4):
+        return np.random.RandomState(1337).uniform(0.0, 2 * np.pi, size=(n,)).astype(np.float32)
+
+    def task_splits(self, n_train: int = 2, n_test: int = 2):
+        tasks = self.oyster_tasks(n_train + n_test)
+        return tasks[:n_train], tasks[n_train:]
+
+    def task_reward(self, info, task):
+        forward = np.cos(float(task)) * info["x_velocity"] + np.sin(float(task)) * info["y_velocity"]
+        return forward + info["reward_ctrl"] + info["reward_contact"] + info["reward_survive"]
+
+
+TASK_FAMILIES = {"HalfCheetahVel-v0": HalfCheetahVel, "HalfCheetahDir-v0": HalfCheetahDir, "AntDir-v0": AntDir,
+                 "HalfCheetahVelOyster-v0": HalfCheetahVelOyster, "AntDirOyster-v0": AntDirOyster}
 
 
 def task_family_of(env: gym.Env):

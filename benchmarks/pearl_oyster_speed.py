@@ -65,6 +65,9 @@ if train_steps > 0:
     variant["algo_params"]["num_train_steps_per_itr"] = train_steps
 result = {}
 def timed_train(self):
+    import gtimer as gt  # as MetaRLAlgorithm.train: collect_data stamps 'sample' on every call
+    gt.reset()
+    gt.set_def_unique(False)
     for idx in self.train_tasks:  # oyster's iteration-0 initial collection: untimed warm-up
         self.task_idx = idx
         self.env.reset_task(idx)

@@ -22,8 +22,8 @@ iterations; PLATO's final held-out success within DAgger's seed spread or
 better, and clearly better than BC's; the whole benchmark under 30 minutes.
 
 Run:
-    python -m benchmarks.plato --quick   # 2 seeds, 3 iterations, plato/dagger/bc only: about 4 minutes (2-core CPU)
-    python -m benchmarks.plato --save    # 5 seeds, 10 iterations, every arm and the sweep: about 8 minutes
+    python -m benchmarks.plato --quick   # 2 seeds, 3 iterations, plato/dagger/bc only: 141 s (2-core CPU, load 7-10)
+    python -m benchmarks.plato --save    # 5 seeds, 10 iterations, every arm and the sweep: 464 s (load 7-12)
     python -m benchmarks.plato --replot  # redraw benchmarks/plots/plato.png from the saved JSON
 Writes plato.json and plato.png to benchmarks/out/ (with --save: benchmarks/results/ and benchmarks/plots/).
 """

@@ -302,11 +302,16 @@ def test_plato_it_learns(tmp_path, monkeypatch):
     assert out["final_success"] >= out["initial_success"] + 0.3, (out["final_success"], out["initial_success"])
 
 
+# The settings of the resume test and of the CLI smoke test: the same programs (the second finds them in the
+# persistent compilation cache); dagger with beta mixing and two vmapped seeds.
+SMOKE = dict(total_timesteps=3 * 2 * 20, hidden=(8,), num_seeds=2, arm="dagger", beta=0.5)
+
+
 def test_kill_then_resume_writes_the_same_metrics(tmp_path, monkeypatch):
     """A run stopped in its third iteration (after the checkpoint of iteration 2) and resumed writes the same
     metrics as the run that was not stopped: the checkpoint holds the params, Adam state, dataset and keys."""
     monkeypatch.chdir(tmp_path)
-    args = Args(**{**SMALL, "total_timesteps": 3 * 2 * 20, "arm": "bc", "exp_name": "whole"})
+    args = Args(**{**SMALL, **SMOKE, "exp_name": "whole"})
     whole = main(args)
     real, calls = plato.run_iteration, []
 
@@ -328,14 +333,14 @@ def test_kill_then_resume_writes_the_same_metrics(tmp_path, monkeypatch):
 
 
 def test_cli_smoke(tmp_path):
-    flags = [x for k, v in SMALL.items() if k != "hidden" for x in (f"--{k.replace('_', '-')}", str(v))]
-    res = run_algo("plato", *flags, "--hidden", "8", "--num-seeds", "2", "--arm", "dagger", "--beta", "0.5",
-                   "--save-model", cwd=tmp_path)
+    settings = {**SMALL, **SMOKE, "hidden": 8}
+    flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    res = run_algo("plato", *flags, "--save-model", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     its = [r for r in rows if "iteration" in r]
-    assert [r["iteration"] for r in its] == [0, 1, 2]
+    assert [r["iteration"] for r in its] == [0, 1, 2, 3]
     assert all(0 <= r["eval/success"] <= 1 and r["data/rows"] > 0 for r in its)
     assert its[-1]["train/cumulative_crashes"] >= its[-1]["train/crashes"]
     saved = load_checkpoint(run_dir / "plato.msgpack", None)

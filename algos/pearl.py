@@ -764,8 +764,8 @@ def main(args: Args) -> dict:
                "final_first_trajectory_return": float(final[..., 0].mean()),
                "final_return_per_trajectory": [float(x) for x in final.mean((0, 1))],
                "env_steps": init_steps + n_iter * per_iter}
-    run.log({k: v for k, v in summary.items() if k != "final_return_per_trajectory"}, summary["env_steps"],
-            echo=False)
+    run.log({**{k: v for k, v in summary.items() if k != "final_return_per_trajectory"},
+             "eval/return": summary["final_return"]}, summary["env_steps"], echo=False)
     progress.done("final_return (last meta-test trajectory, held-out tasks)", summary["final_return"],
                   reference=f"first trajectory, z from the prior: {summary['final_first_trajectory_return']:.3g}")
     params = state["train"].params

@@ -108,13 +108,22 @@ def run_curves(a) -> dict:
     return harness.run_pinned(jobs, "algos.pearl", a.parallel, a.max_minutes, keys, "pearl_bench_", save)
 
 
+def per_iteration(run: dict) -> dict:
+    """The run's curve at its meta-tests only (rows with an iteration and an eval return; not the summary row)."""
+    keep = [i for i, (it, r) in enumerate(zip(run["iteration"], run["eval_return"], strict=True))
+            if it is not None and r is not None]
+    return {**run, **{k: [run[k][i] for i in keep] for k in ("steps", "iteration", "eval_return",
+                                                              "first_trajectory_return", "wall_seconds",
+                                                              "seconds_per_iteration")}}
+
+
 def summarise(a, done: dict, baselines: dict) -> dict:
     """Per env: the mean curve over the seeds up to the last meta-test all reached, finals, targets."""
     results = {"setting": a.setting, "iterations": a.iterations, "seeds": a.seeds, "baselines": baselines,
                "runs": [{**r, "env_id": k[0]} for k, r in done.items()], "envs": {}}
     headline = []
     for env_id in a.envs:
-        runs = [done[(env_id, s)] for s in a.seeds if (env_id, s) in done]
+        runs = [per_iteration(done[(env_id, s)]) for s in a.seeds if (env_id, s) in done]
         b = baselines[env_id]
         n = min((len(r["steps"]) for r in runs), default=0)
         if n == 0:
@@ -233,11 +242,11 @@ def speed(a) -> dict:
 
 def main(argv=None):
     p = harness.parser("pearl", __doc__, seeds=[1, 2, 3],
-                       quick={"seeds": [1], "iterations": 6, "envs": ["PointRobot-v0"], "eval_interval": 2})
+                       quick={"seeds": [1], "iterations": 6, "envs": ["PointRobot-v0"]})
     p.add_argument("--envs", nargs="+", default=list(ENVS), choices=ENVS, help="task families to run")
     p.add_argument("--setting", choices=("cpu", "oyster"), default="cpu", help="see the docstring")
     p.add_argument("--iterations", type=int, default=40, help="meta-training iterations per run")
-    p.add_argument("--eval-interval", type=int, default=2, help="meta-test every this many iterations")
+    p.add_argument("--eval-interval", type=int, default=1, help="meta-test every this many iterations")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, each pinned to its own core")
     p.add_argument("--max-minutes", type=float, default=None, help="stop a run after this long (keeps its curve)")
     p.add_argument("--speed", action="store_true", help="time one training iteration instead (see the docstring)")

@@ -585,7 +585,9 @@ def main(args: Args) -> dict:
     for k in range(run.start_step, K + 1):
         with run.timed("train"):
             carry, rec = jax.block_until_ready(run_iteration(state["carry"], env, args, k == 0))
-        check_finite_series([k], unit="iteration", **{m: np.asarray(v)[None] for m, v in rec.items()})
+        # the learner's parameters first (the cause; jit returns the metrics in sorted order, the eval after them)
+        order = ["params", "loss/nll"] + [m for m in rec if m not in ("params", "loss/nll")]
+        check_finite_series([k], unit="iteration", **{m: np.asarray(rec[m])[None] for m in order})
         state["carry"] = carry
         for m in METRICS:
             state["metrics"][m][k] = np.asarray(rec[m])

@@ -27,6 +27,7 @@ from algos.plato import (
     shift,
 )
 from common.checkpoints import load_checkpoint
+from common.checks import Divergence
 from common.envs import make_env
 from common.experiment import read_metrics
 from common.jax_envs.obstacles import ObstacleParams, clearance, ray_distances
@@ -300,6 +301,29 @@ def test_plato_it_learns(tmp_path, monkeypatch):
     out = main(Args(total_timesteps=3 * 8 * 60, mpc_horizon=12, eval_episodes=30, seed=0))
     print(out["final_success"], out["initial_success"], out["training_crashes"])
     assert out["final_success"] >= out["initial_success"] + 0.3, (out["final_success"], out["initial_success"])
+
+
+def test_divergence_names_the_iteration_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """Parameters that turn NaN in the training step of iteration 1 are reported at iteration 1 (not later,
+    when the MPC would see them), in one line, with the checkpoint of iteration 0 kept."""
+    monkeypatch.chdir(tmp_path)
+    real = plato.train_learner
+
+    def poisoned(ts, data, key, args):
+        ts, loss = real(ts, data, key, args)
+        later = data.mask[args.episodes_per_iteration * args.horizon:].sum() > 0  # iteration 1's rows exist
+        return ts.replace(params=jax.tree.map(lambda p: jnp.where(later, jnp.nan, p), ts.params)), loss
+
+    monkeypatch.setattr(plato, "train_learner", poisoned)
+    with pytest.raises(Divergence) as e:
+        main(Args(**{**SMALL, "arm": "bc", "exp_name": "nan"}))
+    message = str(e.value)
+    assert "diverged at iteration 1: 'params' is not finite" in message and "\n" not in message
+    assert "checkpoint.msgpack (step 1)" in message
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = load_checkpoint(run_dir / "checkpoint.msgpack")
+    assert int(saved["run"]["step"]) == 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved["state"]["carry"]["train_state"]["params"]))
 
 
 # The settings of the resume test and of the CLI smoke test: the same programs (the second finds them in the

@@ -307,9 +307,11 @@ def test_headline_is_the_last_trajectorys_return(tmp_path, monkeypatch):
     assert final.shape == (3, args.num_evals, 3)
     assert out["final_return"] == pytest.approx(float(final[..., -1].mean()), rel=1e-6)
     assert out["final_first_trajectory_return"] == pytest.approx(float(final[..., 0].mean()), rel=1e-6)
-    (row,) = [r for r in read_metrics(out["run_dir"]) if "eval/return" in r]
-    assert row["eval/return"] == pytest.approx(out["final_return"], rel=1e-5)
-    assert row["global_step"] == 6 * 40 + 2 * (40 + 20 + 20)
+    row, summary = read_metrics(out["run_dir"])  # the iteration's row, then the summary row
+    assert row["iteration"] == 1 and "iteration" not in summary
+    for r in (row, summary):
+        assert r["eval/return"] == pytest.approx(out["final_return"], rel=1e-5)
+        assert r["global_step"] == 6 * 40 + 2 * (40 + 20 + 20)
 
 
 # ----------------------------------------------------------------------------
@@ -364,8 +366,8 @@ def test_cli_smoke_sparse_and_save_model(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "eval/return" in r]
-    assert [r["iteration"] for r in evals] == [1, 2]
+    evals = [r for r in rows if "iteration" in r]
+    assert [r["iteration"] for r in evals] == [1, 2] and rows[-1]["eval/return"] == evals[-1]["eval/return"]
     assert all(0 <= r["eval/return"] <= 20 for r in evals)  # sparse returns: 20 steps of at most 1
     assert (run_dir / "pearl.msgpack").exists() and "done: final_return" in res.stdout
 
@@ -409,6 +411,7 @@ def test_divergence_names_the_gradient_step(tmp_path, monkeypatch):
     (["--env-id", "NoSuchEnv-v0"], "unknown env id"),
     (["--env-id", "CartPole-v1"], "task family"),
     (["--env-id", "Pendulum-v1"], "task family"),
+    (["--env-id", "HalfCheetahVelOyster-v0"], "pure-JAX"),
     (["--env-id", "BernoulliBandit5-v0"], "continuous (Box) action space"),
     (["--num-tasks-sample", "0"], "--num-tasks-sample must be >= 1"),
     (["--num-steps-per-eval", "0"], "--num-steps-per-eval must be >= 1"),

@@ -10,7 +10,8 @@ conditions; held-out conditions reported. `--setting t50` is the earlier
 timing (T = 50 at dt 0.02 s: one second, zero-gain initial controllers).
 `--variant` runs a measured option (docs/gps.md): zero_init, per_condition
 (MDGPS step multipliers per condition, exploded predictions excluded),
-anchor_blend (the C-step anchor halfway to the previous controller). Reference for the
+anchor_blend (the C-step anchor halfway to the previous controller),
+lqr_low_noise (init_lqr's gains with the zero-gain start's noise). Reference for the
 sample count (no SAC figure on Reacher-v5 with these conditions exists): the
 rl-baselines3-zoo benchmark (DLR-RM, benchmark.md, one run) trains SAC on the
 PyBullet reacher, ReacherBulletEnv-v0, for 300k steps (mean return 18.06 +-
@@ -54,7 +55,9 @@ SETTINGS = {"reference": ({}, "T=100 at dt 0.05 s (reference timing), init_lqr")
                     "T=50 at dt 0.02 s (earlier timing), zero-gain init")}
 VARIANTS = {"default": ({}, ""), "zero_init": ({"init": "zero"}, ", zero-gain init"),
             "per_condition": ({"step_scope": "per_condition"}, ", per-condition step multipliers"),
-            "anchor_blend": ({"anchor_blend": 0.5}, ", C-step anchor blended 0.5 toward the previous controller")}
+            "anchor_blend": ({"anchor_blend": 0.5}, ", C-step anchor blended 0.5 toward the previous controller"),
+            # init_lqr's noise is proportional to init_var (its gains are not): 1/6 gives Reacher's zero-gain 0.003
+            "lqr_low_noise": ({"init_var": 1 / 6}, ", init_lqr with init_var 1/6 (action variance 0.003)")}
 SAC_REFERENCE = {"steps": 300_000, "return": 18.062, "std": 9.729,
                  "source": "rl-baselines3-zoo benchmark.md (DLR-RM), sac, ReacherBulletEnv-v0, n_timesteps 300k"}
 # "local": the final distance of this iteration's noisy training samples (for

@@ -145,7 +145,7 @@ def test_report_has_a_help_and_prints_the_table_without_writing(capsys, monkeypa
 
 @pytest.mark.parametrize("name, argv, files", [
     ("mbpo", ["--replot"], ["mbpo"]),
-    ("gps", ["--replot", "--iterations", "20"], ["gps_20it"]),
+    ("gps", ["--replot", "--setting", "t50", "--iterations", "20"], ["gps_t50_20it"]),
     ("rl2", ["--replot", "--settings", "bandit-5-10"], ["rl2_bandit-5-10"]),
     ("maml", ["--replot"], ["maml_pointnav2d"]),
 ])

@@ -120,6 +120,27 @@ def summarise(record) -> dict:
     return t
 
 
+def rescore(D, record, episodes: int):
+    """Each teacher's greedy score over `episodes` episodes, and every run's final student score
+    (mean over seeds) relative to it; saved into the record."""
+    import jax
+
+    tic = time.time()
+    for g in record["teachers"]:
+        args = D.Args(env_id=g, eval_episodes=episodes, teacher_dir=str(TEACHERS))
+        spec = D.Spec((D.jax_game(g),), 0, 0, args.teacher_hidden)
+        teachers = (D.load_teacher(TEACHERS, args, spec.games[0]),)
+        score = np.asarray(D.teacher_scores(teachers, args, spec, jax.random.PRNGKey(2024)))[0, 0]
+        record["teachers"][g][f"greedy_score_{episodes}_episodes"] = float(score)
+        print(f"{g}: teacher {score:.2f} over {episodes} greedy episodes", flush=True)
+    for r in record["runs"].values():
+        final = np.asarray(r["evals"])[-1].mean(0)  # (G,) student score, mean over seeds
+        precise = [record["teachers"][g][f"greedy_score_{episodes}_episodes"] for g in r["games"]]
+        r["relative_to_rescored_teacher"] = (final / np.maximum(precise, 1e-9)).tolist()
+    record["rescore"] = {"episodes": episodes, "wall_seconds": time.time() - tic}
+    harness.save_results("distillation", record)
+
+
 def draw(record):
     runs = record["runs"]
     games = [g for g in GAMES if any(r["games"] == [g] for r in runs.values())]
@@ -169,12 +190,19 @@ def main(argv=None):
                    "--train-teachers (the committed teachers: 400000)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new run after this many minutes")
     p.add_argument("--replot", action="store_true", help="redraw the saved record, run nothing")
+    p.add_argument("--rescore-teachers", type=int, default=None, metavar="EPISODES",
+                   help="score the teachers of the saved record again with this many greedy episodes per game "
+                        "and add each run's student score relative to that (the runs measure their teacher with "
+                        "--eval-episodes episodes, the same for every seed); runs nothing else")
     a = harness.parse(p, argv)
     if a.replot:
         draw(harness.load_results("distillation"))
         return
     from algos import distillation as D
 
+    if a.rescore_teachers:
+        rescore(D, harness.load_results("distillation"), a.rescore_teachers)
+        return
     record = {"seeds": a.seeds, "setting": {k: v for k, v in vars(a).items() if k not in ("out",)},
               "full_setting": "--updates 20000 --teacher-steps 5000000 --train-teachers (not run on this CPU)",
               "references": {"gymnax_ppo": GYMNAX_PPO}, "teachers": {}, "teacher_training": {}, "runs": {}}

@@ -331,7 +331,19 @@ def test_divergence_names_the_iteration_and_keeps_the_checkpoint(tmp_path, monke
 SMOKE = dict(total_timesteps=3 * 2 * 20, hidden=(8,), num_seeds=2, arm="dagger", beta=0.5)
 
 
-def test_kill_then_resume_writes_the_same_metrics(tmp_path, monkeypatch):
+@pytest.fixture
+def without_persistent_cache():
+    """In the full suite (one pytest process, every algorithm's programs compiled before), reading back this
+    test's programs from the persistent compilation cache aborted the process inside XLA's executable
+    deserialisation (jax 0.10.2; CI dry runs of 2026-12-01, twice, at the second main() below; not reproduced
+    with test_plato.py alone). The in-memory jit cache still serves the second and third runs."""
+    old = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", old)
+
+
+def test_kill_then_resume_writes_the_same_metrics(tmp_path, monkeypatch, without_persistent_cache):
     """A run stopped in its third iteration (after the checkpoint of iteration 2) and resumed writes the same
     metrics as the run that was not stopped: the checkpoint holds the params, Adam state, dataset and keys."""
     monkeypatch.chdir(tmp_path)

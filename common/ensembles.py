@@ -212,8 +212,8 @@ class Member(nn.Module):
             return mean, jnp.zeros_like(mean)
         out = nn.Dense(2 * self.out_dim, kernel_init=kernel_init)(x)
         mean, raw = out[..., : self.out_dim], out[..., self.out_dim:]
-        max_lv = self.param("max_logvar", lambda _: jnp.full((self.out_dim,), 0.5))
-        min_lv = self.param("min_logvar", lambda _: jnp.full((self.out_dim,), -10.0))
+        max_lv = self.param("max_logvar", lambda _: jnp.full((self.out_dim,), 0.5, jnp.float32))
+        min_lv = self.param("min_logvar", lambda _: jnp.full((self.out_dim,), -10.0, jnp.float32))
         logvar = max_lv - nn.softplus(max_lv - raw)  # soft upper bound
         logvar = min_lv + nn.softplus(logvar - min_lv)  # soft lower bound
         return mean, logvar

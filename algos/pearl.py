@@ -26,17 +26,20 @@ SAC-v1 (V and target V, twin Q, fixed entropy weight through the reward
 scale, mean/log-std regularisers), its data pipeline (per-task RL and encoder
 buffers, the encoder buffer cleared when a task is re-collected, independent
 context and RL batches, prior / posterior / RL-only collection) and its
-meta-test protocol, on pure-JAX task families (PointRobot-v0,
-SparsePointRobot-v0): a whole meta-training iteration (collection of every
-sampled task, vmapped, and all gradient steps, a lax.scan) is one jitted call.
+meta-test protocol. On the pure-JAX task families (PointRobot-v0,
+SparsePointRobot-v0) a whole meta-training iteration (collection of every
+sampled task and all gradient steps, a lax.scan) is one jitted call; on the
+MuJoCo ones (HalfCheetahVelOyster-v0, HalfCheetahDirOyster-v0,
+AntDirOyster-v0) collection and meta-test step a gymnasium vector env (one env
+per task collected at once) and the gradient steps are the same jitted scan.
 Left out: the recurrent encoder, the deterministic (no information
-bottleneck) variant, MuJoCo task families (they need collection through
-gymnasium; see docs/pearl.md).
+bottleneck) variant.
 
 Run:
     python -m algos.pearl                                  # dense point robot, the CPU setting: a few minutes
     python -m algos.pearl --env-id SparsePointRobot-v0     # posterior-sampling exploration, sparse reward
     python -m algos.pearl --oyster --num-iterations 500    # oyster's whole point-robot configuration (GPU)
+    python -m algos.pearl --env-id HalfCheetahVelOyster-v0 --oyster   # oyster's cheetah-vel (GPU)
 
 Algorithm (numbers mark the code below):
     Initialise encoder q_phi, policy pi_theta, Q_1, Q_2, V, target V.
@@ -71,6 +74,7 @@ import math
 from typing import NamedTuple
 
 import flax.linen as nn
+import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +86,7 @@ from common.checkpoints import save_checkpoint
 from common.checks import check_finite_series, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import make_env
+from common.envs.mujoco_tasks import task_family_of
 from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
 from common.progress import Progress
@@ -100,6 +105,12 @@ OYSTER = {
                                 num_steps_prior=100, num_steps_posterior=900, num_extra_rl_steps=0,
                                 num_train_steps=1000, num_steps_per_eval=400, embedding_batch_size=1024,
                                 gamma=0.9, reward_scale=100.0, kl_lambda=1.0, num_exp_traj_eval=5),
+    "HalfCheetahVelOyster-v0": dict(n_train_tasks=100, n_eval_tasks=30, num_extra_rl_steps=600, num_evals=1,
+                                    num_exp_traj_eval=2, embedding_batch_size=100),
+    "HalfCheetahDirOyster-v0": dict(meta_batch=4, num_steps_prior=1000, num_extra_rl_steps=1000, num_evals=4,
+                                    num_exp_traj_eval=2, embedding_batch_size=256),
+    "AntDirOyster-v0": dict(meta_batch=4, num_extra_rl_steps=600, num_train_steps=4000, num_evals=4,
+                            num_exp_traj_eval=2, embedding_batch_size=256),
 }
 # The default (CPU) setting changes five of oyster's values; --oyster restores them all (launch_experiment.py:
 # 300-unit networks, a 200-unit encoder). At 64 units and kl_lambda 0.1 the encoder's means grew to ~10 and the
@@ -112,7 +123,8 @@ OYSTER_SIZES = dict(net_size=300, encoder_size=200)
 @dataclasses.dataclass(frozen=True)
 class Args(CommonArgs):
     env_id: str = "PointRobot-v0"
-    """a pure-JAX task family with a continuous action space: PointRobot-v0, SparsePointRobot-v0"""
+    """a task family: pure-JAX PointRobot-v0, SparsePointRobot-v0; MuJoCo (through gymnasium)
+    HalfCheetahVelOyster-v0, HalfCheetahDirOyster-v0, AntDirOyster-v0"""
     total_timesteps: int | None = None
     """stop after the iteration that reaches this many env steps (None: --num-iterations decides)"""
     num_iterations: int = 40
@@ -234,9 +246,10 @@ def buffer_capacity(args: Args, dims: Dims) -> int:
 
 
 def encoder_capacity(args: Args, dims: Dims) -> int:
-    """E_i holds the initial steps until it is first cleared, then one collection's prior + posterior steps."""
-    return dims.horizon * max(trajectories(args.num_initial_steps, dims),
-                              trajectories(args.num_steps_prior, dims) + trajectories(args.num_steps_posterior, dims))
+    """E_i holds the initial steps until it is first cleared, then one collection's prior + posterior steps
+    (+ 2 trajectories: after early terminations a phase through gymnasium ends up to H - 1 steps over)."""
+    return dims.horizon * (2 + max(trajectories(args.num_initial_steps, dims), trajectories(args.num_steps_prior, dims)
+                                   + trajectories(args.num_steps_posterior, dims)))
 
 
 # ----------------------------------------------------------------------------
@@ -484,12 +497,13 @@ def sample_batches(rl: ReplayBuffer, enc: ReplayBuffer, key, args: Args):
     from B_i and, independently, a context batch from E_i (both uniform with replacement)."""
     k_t, k_rl, k_enc = jax.random.split(key, 3)
     tasks = jax.random.randint(k_t, (args.meta_batch,), 0, args.n_train_tasks)
+    return tasks, draw(enc, tasks, k_enc, args.embedding_batch_size), draw(rl, tasks, k_rl, args.batch_size)
 
-    def draw(buf, k, n):
-        rows = jax.random.randint(k, (args.meta_batch, n), 0, jnp.maximum(buf.size[tasks], 1)[:, None])
-        return jax.tree.map(lambda x: x[tasks[:, None], rows], buf.data)
 
-    return tasks, draw(enc, k_enc, args.embedding_batch_size), draw(rl, k_rl, args.batch_size)
+def draw(buf: ReplayBuffer, tasks, key, n: int):
+    """n rows of each task's filled part, uniformly with replacement: leaves (len(tasks), n, ...)."""
+    rows = jax.random.randint(key, (len(tasks), n), 0, jnp.maximum(buf.size[tasks], 1)[:, None])
+    return jax.tree.map(lambda x: x[tasks[:, None], rows], buf.data)
 
 
 # ----------------------------------------------------------------------------
@@ -587,12 +601,16 @@ def collect_into(state: State, env, tasks, task_ids, phases, clear_encoder: bool
     key, k = jax.random.split(state.key)
     rl, enc = (jax.tree.map(lambda x: x[task_ids], b) for b in (state.rl, state.enc))
     if clear_encoder:  # oyster: enc_replay_buffer.task_buffers[idx].clear() before collecting for task idx
-        enc = enc.replace(ptr=jnp.zeros_like(enc.ptr), size=jnp.zeros_like(enc.size))
+        enc = cleared(enc)
     task = jax.tree.map(lambda x: x[task_ids], tasks)
     rl, enc = jax.vmap(lambda t, r, e, kk: collect_task(state.params, env, t, r, e, kk, phases, args, dims))(
         task, rl, enc, jax.random.split(k, len(task_ids)))
     put = lambda full, part: jax.tree.map(lambda f, x: f.at[task_ids].set(x), full, part)  # noqa: E731
     return state._replace(rl=put(state.rl, rl), enc=put(state.enc, enc), key=key)
+
+
+def cleared(buf: ReplayBuffer) -> ReplayBuffer:
+    return buf.replace(ptr=jnp.zeros_like(buf.ptr), size=jnp.zeros_like(buf.size))
 
 
 def collect_one_by_one(state: State, env, tasks, task_ids, phases, args: Args, dims: Dims):
@@ -624,7 +642,12 @@ def iteration(state: State, env, tasks, args: Args, dims: Dims):
               (trajectories(args.num_steps_posterior, dims), True, True),
               (trajectories(args.num_extra_rl_steps, dims), True, False))
     state = collect_one_by_one(state._replace(key=key), env, tasks, ids, phases, args, dims)
+    return gradient_steps(state, args, dims)
 
+
+def gradient_steps(state: State, args: Args, dims: Dims):
+    """[3] num_train_steps gradient steps, a lax.scan: the update of both paths (inside `iteration`, and jitted
+    alone as `train_steps` after a collection through gymnasium). Returns the state and per-step metrics."""
     def one(state, _):
         key, k = jax.random.split(state.key)
         _, ctx_batch, rl_batch = sample_batches(state.rl, state.enc, k, args)
@@ -632,6 +655,9 @@ def iteration(state: State, env, tasks, args: Args, dims: Dims):
         return state, metrics
 
     return jax.lax.scan(one, state, None, length=args.num_train_steps)
+
+
+train_steps = jax.jit(gradient_steps, static_argnames=("args", "dims"), donate_argnums=(0,))
 
 
 @jit_static
@@ -646,13 +672,151 @@ def meta_test(params, env, tasks, key, args: Args, dims: Dims):
 
 
 # ----------------------------------------------------------------------------
+# MuJoCo task families: collection and meta-test through a gymnasium vector env, the update `train_steps`
+# ----------------------------------------------------------------------------
+class GymTasks:
+    """A MuJoCo task family (common/envs/mujoco_tasks.py) as a SyncVectorEnv of `width` copies, one per task
+    collected (or meta-tested) at the same time, all stepped in lockstep by one policy call."""
+
+    def __init__(self, env_id: str, family, width: int = 1):
+        self.horizon, self.task_splits = family.horizon, family.task_splits
+        self.observation_space, self.action_space = family.observation_space, family.action_space
+        self.vec = gym.vector.SyncVectorEnv([lambda: make_env(env_id)] * width)  # autoreset: NEXT_STEP
+
+
+@functools.partial(jax.jit, static_argnames=("args", "dims", "deterministic"))
+def act(pol_params, obs, z, key, args: Args, dims: Dims, deterministic: bool):
+    """Actions of W envs, each with its own z (W, latent): the [-1, 1] action (stored) and the env's."""
+    obs = obs.astype(jnp.float32)
+    a = policy_mode(pol_params, obs, z, args, dims) if deterministic else \
+        policy_sample(pol_params, obs, z, key, args, dims)[0]
+    return a, to_env_action(a, dims)
+
+
+def gym_round(env: GymTasks, params, z, key, args: Args, dims: Dims, deterministic: bool):
+    """`rollout` in each of the W envs (tasks set before), z (W, latent) fixed per env: transitions
+    (W, H, ...) and the alive mask (W, H), an env's steps after its terminal masked out."""
+    W, H = env.vec.num_envs, dims.horizon
+    k_seed, key = jax.random.split(key)
+    obs, _ = env.vec.reset(seed=[int(s) for s in jax.random.randint(k_seed, (W,), 0, 2 ** 31 - 1)])
+    out = {k: np.zeros((W, H, *v.shape), np.float32) for k, v in transition_example(dims).items()}
+    alive, live = np.zeros((W, H), bool), np.ones(W, bool)
+    for t, k in enumerate(jax.random.split(key, H)):
+        a, env_a = (np.asarray(x) for x in act(params["policy"], obs, z, k, args, dims, deterministic))
+        obs2, r, term, trunc, _ = env.vec.step(env_a)  # obs2: the true next obs (NEXT_STEP autoreset)
+        for name, x in zip(("obs", "action", "reward", "dense_reward", "next_obs", "terminal"),
+                           (obs, a, r, r, obs2, term), strict=True):
+            out[name][:, t] = x
+        alive[:, t], live, obs = live, live & ~(term | trunc), obs2
+    return out, alive
+
+
+@functools.partial(jax.jit, static_argnames=("into_enc",), donate_argnums=(0,))
+def store(state: State, task_ids, traj, alive, clear, into_enc: bool) -> State:
+    """Slot w's trajectory (H, ...) into task task_ids[w]'s RL buffer (and encoder buffer, first cleared where
+    clear[w]), slot after slot (a lax.scan)."""
+    def one(bufs, x):
+        i, tr, m, c = x
+        rl, enc = (jax.tree.map(lambda b: b[i], buf) for buf in bufs)
+        enc = jax.tree.map(lambda e, z: jnp.where(c, z, e), enc, cleared(enc))
+        rl, enc = rl.add_masked(tr, m), (enc.add_masked(tr, m) if into_enc else enc)
+        put = lambda full, new: jax.tree.map(lambda f, b: f.at[i].set(b), full, new)  # noqa: E731
+        return (put(bufs[0], rl), put(bufs[1], enc)), None
+
+    (rl, enc), _ = jax.lax.scan(one, (state.rl, state.enc), (task_ids, traj, alive, clear))
+    return state._replace(rl=rl, enc=enc)
+
+
+@functools.partial(jax.jit, static_argnames=("args",))
+def infer_from_buffer(enc_params, enc: ReplayBuffer, task_ids, key, args: Args):
+    """q(z | c), c an embedding batch from each slot's E_i (oyster's sample_context in collect_data)."""
+    return posterior(enc_params, context_of(draw(enc, task_ids, key, args.embedding_batch_size), args), args)
+
+
+def gym_collect(state: State, env: GymTasks, tasks, task_ids, phases, clear: bool, args: Args, dims: Dims):
+    """[1]/[2] collect_task through gymnasium for distinct training tasks, W at a time. Each phase (steps,
+    posterior, into_encoder_buffer) runs rounds of one trajectory per task until every task has its steps
+    (whole trajectories, as oyster: more of them after early terminations). Returns the state, env steps."""
+    W, total = env.vec.num_envs, 0
+    for lo in range(0, len(task_ids), W):
+        slots, active = np.resize(task_ids[lo:lo + W], W), np.arange(W) < len(task_ids[lo:lo + W])  # idle: no data
+        env.vec.set_attr("task", [float(tasks[i]) for i in slots])
+        first = clear
+        for steps, use_post, into_enc in phases:
+            done, mu, var = np.zeros(W, int), jnp.zeros((W, args.latent_size)), jnp.ones((W, args.latent_size))
+            while (need := active & (done < steps)).any():
+                key, k_z, k_r, k_c = jax.random.split(state.key, 4)
+                tr, alive = gym_round(env, state.params, sample_z(k_z, mu, var), k_r, args, dims, False)
+                alive &= need[:, None]
+                state = store(state._replace(key=key), slots, tr, alive, active & first, into_enc)
+                done, total, first = done + alive.sum(1), total + int(alive.sum()), False
+                if use_post:  # re-infer after each trajectory (update_post_train = 1)
+                    mu, var = infer_from_buffer(state.params["encoder"], state.enc, slots, k_c, args)
+    return state, total
+
+
+def waves(ids) -> list[list[int]]:
+    """The iteration's task draws in groups of distinct tasks, a task's k-th draw in group k: collecting a group
+    at once is exactly oyster's one task after the other (clear, collect; clear, collect again)."""
+    out, seen = [], {}
+    for i in map(int, ids):
+        seen[i] = seen.get(i, -1) + 1
+        out += [[] for _ in range(seen[i] + 1 - len(out))]
+        out[seen[i]].append(i)
+    return out
+
+
+def gym_iteration(state: State, env: GymTasks, tasks, args: Args, dims: Dims):
+    """[2]-[3] as `iteration`, the collection through gymnasium, then the same jitted gradient steps. Returns
+    the state, the metrics and the env steps collected."""
+    key, k_ids = jax.random.split(state.key)
+    ids = np.asarray(jax.random.randint(k_ids, (args.num_tasks_sample,), 0, args.n_train_tasks))
+    phases = ((args.num_steps_prior, False, True), (args.num_steps_posterior, True, True),
+              (args.num_extra_rl_steps, True, False))
+    state, total = state._replace(key=key), 0
+    for wave in waves(ids):
+        state, n = gym_collect(state, env, tasks, wave, phases, True, args, dims)
+        total += n
+    return *train_steps(state, args, dims), total
+
+
+def gym_meta_test(params, env: GymTasks, tasks, key, args: Args, dims: Dims):
+    """[4] meta_test_task through gymnasium for W (task, run) pairs at a time; as `meta_test`, returns
+    (tasks, num_evals, K) and the belief variance each trajectory acted under."""
+    K, H, W = trajectories(args.num_steps_per_eval, dims), dims.horizon, env.vec.num_envs
+    pairs = [(i, r) for i in range(len(tasks)) for r in range(args.num_evals)]
+    returns, z_var = np.zeros((2, len(tasks), args.num_evals, K))
+    for lo in range(0, len(pairs), W):
+        chunk = [pairs[j % len(pairs)] for j in range(lo, lo + W)]  # padded with repeats, not recorded
+        env.vec.set_attr("task", [float(tasks[i]) for i, _ in chunk])
+        ctx, mask = np.zeros((W, K * H, context_dim(args, dims)), np.float32), np.zeros((W, K * H), bool)
+        mu, var = jnp.zeros((W, args.latent_size)), jnp.ones((W, args.latent_size))
+        for t in range(K):
+            key, k_z, k_r = jax.random.split(key, 3)
+            tr, alive = gym_round(env, params, sample_z(k_z, mu, var), k_r, args, dims, True)
+            for w, (i, r) in enumerate(chunk[:len(pairs) - lo]):
+                returns[i, r, t], z_var[i, r, t] = (tr["reward"][w] * alive[w]).sum(), float(var[w].mean())
+            ctx[:, t * H:(t + 1) * H], mask[:, t * H:(t + 1) * H] = context_of(tr, args), alive
+            if t + 1 >= args.num_exp_traj_eval:  # z ~ q(z | everything this run has seen)
+                mu, var = jit_posterior(params["encoder"], ctx, args, mask)
+    return returns, z_var
+
+
+jit_posterior = jax.jit(posterior, static_argnames=("args",))
+
+
+# ----------------------------------------------------------------------------
 # Set-up: checks
 # ----------------------------------------------------------------------------
-def make_task_family(env_id: str):
-    func_env = func_env_of(make_env(env_id))
+def make_task_family(env_id: str, width: int = 1):
+    """The pure-JAX task family (FuncEnv) of `env_id`, or a MuJoCo one as GymTasks of `width` envs."""
+    env = make_env(env_id)
+    if (family := task_family_of(env)) is not None:
+        return GymTasks(env_id, family, width)
+    func_env = func_env_of(env)
     if func_env is None or not is_task_family(func_env):
-        fail(f"PEARL meta-trains across a task family and needs a pure-JAX one with sample_tasks "
-             f"(PointRobot-v0, SparsePointRobot-v0); '{env_id}' is not one")
+        fail(f"PEARL meta-trains across a task family: a pure-JAX one (PointRobot-v0, SparsePointRobot-v0) or a "
+             f"MuJoCo one (HalfCheetahVelOyster-v0, HalfCheetahDirOyster-v0, AntDirOyster-v0); '{env_id}' is not one")
     if not isinstance(func_env.action_space, spaces.Box):
         fail(f"PEARL's SAC needs a continuous (Box) action space; '{env_id}' has {func_env.action_space}")
     return func_env
@@ -676,8 +840,6 @@ def validate(args: Args) -> None:
                  non_negative=("num_initial_steps", "num_steps_prior", "num_steps_posterior", "num_extra_rl_steps",
                                "kl_lambda", "policy_mean_reg", "policy_std_reg"),
                  positive=("learning_rate", "reward_scale"), discount=("gamma",), open_unit=("tau",))
-    if args.num_initial_steps == 0 and args.num_steps_prior + args.num_steps_posterior == 0:
-        fail("the encoder buffers would stay empty: give --num-initial-steps or --num-steps-prior/posterior > 0")
     if args.num_initial_steps == 0:
         fail("--num-initial-steps must be >= 1: every training task needs data before the first gradient step")
     if args.capture_video:
@@ -707,9 +869,10 @@ def iterations_to_run(args: Args, dims: Dims) -> int:
 # Main
 # ----------------------------------------------------------------------------
 def main(args: Args) -> dict:
-    env = make_task_family(args.env_id)
     args = config(args)
     validate(args)
+    env = make_task_family(args.env_id, args.num_tasks_sample)
+    gym_path = isinstance(env, GymTasks)  # MuJoCo: collection and meta-test in Python, the update jitted
     dims = dims_of(env)
     check_sizes(args, dims)
     train_tasks, test_tasks = task_lists(env, args)
@@ -725,26 +888,37 @@ def main(args: Args) -> dict:
                         compiling="the collection, the gradient steps and the meta-test")
     K = trajectories(args.num_steps_per_eval, dims)
     template = {"train": init_state(k_init, args, dims), "iteration": np.int64(0),
-                "evals": np.full((n_iter, args.n_eval_tasks, args.num_evals, K), np.nan, np.float32)}
+                "evals": np.full((n_iter, args.n_eval_tasks, args.num_evals, K), np.nan, np.float32),
+                "env_steps": np.int64(0)}
     state = run.restore(template)
     done = int(state["iteration"])
     if done == 0 and run.start_step == 0:
         with run.timed("collect"):  # [1]
-            state["train"] = jax.block_until_ready(initial_collection(state["train"], env, train_tasks, args, dims))
+            if gym_path:
+                state["train"], n = gym_collect(state["train"], env, train_tasks, np.arange(args.n_train_tasks),
+                                                ((args.num_initial_steps, False, True),), False, args, dims)
+            else:
+                state["train"], n = initial_collection(state["train"], env, train_tasks, args, dims), init_steps
+            state["env_steps"] = np.int64(n)
+            jax.block_until_ready(state["train"])
     names = ("loss/qf", "loss/vf", "loss/policy", "loss/kl")
     ckpt_every = args.checkpoint_interval or args.eval_interval
     for it in range(done, n_iter):
-        with run.timed("train"):  # [2]-[3] one jitted call
-            train, record = jax.block_until_ready(iteration(state["train"], env, train_tasks, args, dims))
+        with run.timed("train"):  # [2]-[3] one jitted call (MuJoCo: collection through gymnasium, then one)
+            if gym_path:
+                train, record, n = gym_iteration(state["train"], env, train_tasks, args, dims)
+            else:
+                (train, record), n = iteration(state["train"], env, train_tasks, args, dims), per_iter
+            jax.block_until_ready((train, record))
         steps = it * args.num_train_steps + np.arange(1, args.num_train_steps + 1)
         check_finite_series(steps, unit="gradient step", **{k: record[k] for k in names})
         state["train"], state["iteration"] = train, np.int64(it + 1)
-        env_steps = init_steps + (it + 1) * per_iter
+        state["env_steps"] = env_steps = state["env_steps"] + np.int64(n)
         metrics = {k: float(v.mean()) for k, v in record.items()}
         if (it + 1) % args.eval_interval == 0 or it + 1 == n_iter:
             with run.timed("eval"):  # [4]
-                returns, z_var = jax.block_until_ready(meta_test(train.params, env, test_tasks,
-                                                                 jax.random.fold_in(k_eval, it), args, dims))
+                returns, z_var = jax.block_until_ready((gym_meta_test if gym_path else meta_test)(
+                    train.params, env, test_tasks, jax.random.fold_in(k_eval, it), args, dims))
             state["evals"][it] = np.asarray(returns)
             per_traj = np.asarray(returns).mean((0, 1))
             metrics.update({"eval/return": float(per_traj[-1]), "eval/first_trajectory_return": float(per_traj[0]),
@@ -763,7 +937,7 @@ def main(args: Args) -> dict:
     summary = {"wall_seconds": sum(run.timings.values()), "final_return": float(final[..., -1].mean()),
                "final_first_trajectory_return": float(final[..., 0].mean()),
                "final_return_per_trajectory": [float(x) for x in final.mean((0, 1))],
-               "env_steps": init_steps + n_iter * per_iter}
+               "env_steps": int(state["env_steps"])}
     run.log({**{k: v for k, v in summary.items() if k != "final_return_per_trajectory"},
              "eval/return": summary["final_return"]}, summary["env_steps"], echo=False)
     progress.done("final_return (last meta-test trajectory, held-out tasks)", summary["final_return"],

@@ -269,9 +269,104 @@ def test_oyster_mujoco_task_families(env_id):
         assert reward == pytest.approx(expected, rel=1e-5, abs=1e-6)
     if env_id.startswith("Ant"):
         assert env.observation_space.shape == (27,)  # qpos[2:] and qvel, as oyster's ant (no contact forces)
+    # oyster's cheetah-dir trains and meta-tests on both directions
+    np.testing.assert_array_equal(task_family_of(make_env("HalfCheetahDirOyster-v0")).task_splits(),
+                                  [[-1.0, 1.0], [-1.0, 1.0]])
     # MAML's cheetah-vel keeps its U[0, 2]
     maml = task_family_of(make_env("HalfCheetahVel-v0"))
     assert float(np.max(np.asarray(maml.sample_tasks(jax.random.PRNGKey(0), 500)))) <= 2.0
+
+
+# ----------------------------------------------------------------------------
+# The MuJoCo path: collection and meta-test through a gymnasium vector env
+# ----------------------------------------------------------------------------
+def tiny_cheetah(**kw):
+    """Cheetah-vel with one 200-step trajectory per phase, 2 envs in the vector env."""
+    args = config(Args(**{**dict(env_id="HalfCheetahVelOyster-v0", net_size=16, encoder_size=16, n_train_tasks=3,
+                                 n_eval_tasks=2, meta_batch=2, batch_size=8, embedding_batch_size=8,
+                                 num_tasks_sample=2, num_initial_steps=150, num_steps_prior=200,
+                                 num_steps_posterior=10, num_extra_rl_steps=200, num_train_steps=2,
+                                 num_iterations=1), **kw}))
+    env = pearl.make_task_family(args.env_id, args.num_tasks_sample)
+    return args, env, dims_of(env)
+
+
+def test_mujoco_collection_fills_the_right_tasks_buffers_and_clears_the_encoder_buffer():
+    args, env, dims = tiny_cheetah()
+    assert isinstance(env, pearl.GymTasks) and env.vec.num_envs == 2 and dims.horizon == 200
+    tasks = np.array([0.0, 3.0, 1.5], np.float32)  # far-apart target velocities
+    state = init_state(jax.random.PRNGKey(0), args, dims)
+    state, n = pearl.gym_collect(state, env, tasks, np.arange(3), ((150, False, True),), False, args, dims)
+    # whole trajectories until >= 150 steps: one of 200 per task (3 tasks, 2 envs: two chunks), both buffers
+    assert n == 600
+    np.testing.assert_array_equal(state.rl.size, 200)
+    np.testing.assert_array_equal(state.enc.size, 200)
+    # each task's rows carry its own reward: -|v - v*| - 0.05 |a|^2 <= 0, near -3 for v* = 3, near 0 for v* = 0
+    r = np.asarray(state.rl.data["reward"][:, :200])
+    ctrl = 0.05 * (np.asarray(state.rl.data["action"][:, :200]) ** 2).sum(-1)
+    assert r.max() <= 0 and r[1].mean() < r[0].mean() - 1.5 and r[2].mean() < r[0].mean() - 0.5
+    np.testing.assert_array_less(ctrl - 1e-5, -r)  # |v - v*| >= 0
+    np.testing.assert_allclose(state.rl.data["obs"][:, 1:200], state.rl.data["next_obs"][:, :199], atol=1e-6)
+    assert float(jnp.abs(state.rl.data["obs"][:, 200:]).max()) == 0.0  # nothing past the trajectory
+    # an iteration's collection: task 1 drawn twice in a row (two waves): E_1 cleared each time, so it holds
+    # only the last collection's prior + posterior steps (200 + 200); B_1 gets all of both collections
+    assert pearl.waves([1, 2, 1]) == [[1, 2], [1]]
+    phases = ((200, False, True), (10, True, True), (200, True, False))
+    obs_task0 = np.asarray(state.rl.data["obs"][0])  # (the collection donates the state's buffers)
+    after, n = state, 0
+    for wave in pearl.waves([1, 2, 1]):
+        after, k = pearl.gym_collect(after, env, tasks, wave, phases, True, args, dims)
+        n += k
+    assert n == 3 * 600
+    np.testing.assert_array_equal(after.enc.size, [200, 400, 400])
+    np.testing.assert_array_equal(after.rl.size, [200, 200 + 2 * 600, 200 + 600])
+    np.testing.assert_array_equal(after.rl.data["obs"][0], obs_task0)  # task 0 untouched
+    # E_1 was cleared before the second collection: its rows are the second collection's prior + posterior rows
+    second = np.asarray(after.rl.data["obs"][1, 200 + 600:200 + 1000])
+    np.testing.assert_array_equal(after.enc.data["obs"][1, :400], second)
+
+
+def test_mujoco_meta_test_reinfers_the_posterior_after_each_trajectory(monkeypatch):
+    args, env, dims = tiny_cheetah(num_steps_per_eval=600, num_exp_traj_eval=1, num_evals=2)
+    params = init_state(jax.random.PRNGKey(0), args, dims).params
+    seen = []
+    real = pearl.gym_round
+
+    def recording(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(pearl, "gym_round", recording)
+    tasks = np.array([0.5, 2.5], np.float32)
+    returns, z_var = pearl.gym_meta_test(params, env, tasks, jax.random.PRNGKey(1), args, dims)
+    assert returns.shape == (2, 2, 3) and len(seen) == 2 * 3  # (task, run) pairs 2 at a time, 3 trajectories
+    for c in range(2):  # chunk c holds task c's two runs
+        trajs = seen[3 * c:3 * c + 3]
+        for t in range(3):
+            tr, alive = trajs[t]
+            np.testing.assert_allclose(returns[c, :, t], (tr["reward"] * alive).sum(1), rtol=1e-5)
+            if t == 0:  # the first trajectory acts under the prior
+                np.testing.assert_array_equal(z_var[c, :, 0], 1.0)
+                continue
+            ctx = np.concatenate([np.asarray(context_of(trajs[k][0], args)) for k in range(t)], 1)
+            _, var = posterior(params["encoder"], ctx, args)  # q(z | this run's own trajectories 1..t)
+            np.testing.assert_allclose(z_var[c, :, t], np.asarray(var).mean(-1), rtol=1e-4)
+    assert returns[0].mean() > returns[1].mean()  # v* = 0.5 is closer to a still cheetah than 2.5
+
+
+@pytest.mark.slow
+def test_cli_smoke_half_cheetah_vel(tmp_path):
+    res = run_algo("pearl", "--env-id", "HalfCheetahVelOyster-v0", *TINY_FLAGS, "--num-iterations", "2",
+                   cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "iteration" in r]
+    # 4 tasks x one 200-step trajectory, then per iteration 2 tasks x (prior + extra RL) trajectories
+    assert [r["global_step"] for r in evals] == [800 + 800, 800 + 1600]
+    assert all(-3 * 200 * 1.5 < r["eval/return"] < 0 for r in evals)  # -|v - v*| - ctrl over 200 steps
+    assert "done: final_return" in res.stdout
 
 
 # ----------------------------------------------------------------------------
@@ -411,7 +506,7 @@ def test_divergence_names_the_gradient_step(tmp_path, monkeypatch):
     (["--env-id", "NoSuchEnv-v0"], "unknown env id"),
     (["--env-id", "CartPole-v1"], "task family"),
     (["--env-id", "Pendulum-v1"], "task family"),
-    (["--env-id", "HalfCheetahVelOyster-v0"], "pure-JAX"),
+    (["--env-id", "HalfCheetah-v5"], "task family"),
     (["--env-id", "BernoulliBandit5-v0"], "continuous (Box) action space"),
     (["--num-tasks-sample", "0"], "--num-tasks-sample must be >= 1"),
     (["--num-steps-per-eval", "0"], "--num-steps-per-eval must be >= 1"),

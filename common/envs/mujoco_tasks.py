@@ -6,8 +6,9 @@ AntDir-v0): gymnasium wrappers whose reward depends on a task, set with
 `task_family_of(env)` finds the family inside a made env. The ids are
 registered in common/envs/__init__.py from `TASK_FAMILIES`. PEARL's versions
 (HalfCheetahVelOyster-v0: targets U[0, 3]; AntDirOyster-v0: directions in the
-plane) add oyster's fixed seed-1337 task lists and train/test splits; its
-cheetah-dir is HalfCheetahDir-v0 (the same reward, directions +-1).
+plane) add oyster's fixed seed-1337 task lists and train/test splits;
+HalfCheetahDirOyster-v0 is MAML's cheetah-dir with oyster's split (both
+directions for training and for meta-test).
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ class HalfCheetahVelOyster(HalfCheetahVel):
         return tasks[:n_train], tasks[n_train:]
 
 
+class HalfCheetahDirOyster(HalfCheetahDir):
+    """oyster's cheetah-dir: MAML's reward, tasks [-1, 1]; train = the first n, test = the last n of them."""
+
+    def task_splits(self, n_train: int = 2, n_test: int = 2):
+        tasks = np.array([-1.0, 1.0], np.float32)
+        return tasks[:n_train], tasks[-n_test:]
+
+
 class AntDirOyster(TaskFamily):
     """oyster's ant-dir as released (forward_backward=False): a direction theta ~ U[0, 2 pi) in the plane,
     r = v_xy . (cos theta, sin theta) - 0.5 |a|^2 - 5e-4 |clip(cfrc_ext, -1, 1)|^2 + 1 while healthy (torso
@@ -139,7 +148,8 @@ class AntDirOyster(TaskFamily):
 
 
 TASK_FAMILIES = {"HalfCheetahVel-v0": HalfCheetahVel, "HalfCheetahDir-v0": HalfCheetahDir, "AntDir-v0": AntDir,
-                 "HalfCheetahVelOyster-v0": HalfCheetahVelOyster, "AntDirOyster-v0": AntDirOyster}
+                 "HalfCheetahVelOyster-v0": HalfCheetahVelOyster, "HalfCheetahDirOyster-v0": HalfCheetahDirOyster,
+                 "AntDirOyster-v0": AntDirOyster}
 
 
 def task_family_of(env: gym.Env):

@@ -140,14 +140,22 @@ def machine() -> dict:
     """Where a number was measured: CPU, core count, JAX version and device."""
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
+    cpu, info = platform.processor() or platform.machine(), {}
+    try:  # the first processor's fields: "AMD EPYC" alone does not say Zen 3 (family 25) from Zen 5 (family 26)
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+        cpu = info.get("model name", cpu)
+    except OSError:
         pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in info.get("flags", "").split()]
     return {
         "cpu": cpu,
+        "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}" if info else None,
+        "simd": simd,
         "cores": os.cpu_count(),
         "jax": jax.__version__,
         "device": str(jax.devices()[0].device_kind),

@@ -13,10 +13,15 @@ the model (real_data_ratio 0), target entropy -1, no termination in rollouts.
 untrained SAC policy, ours with uniform random actions; mbrl-lib's SAC starts at
 alpha 0.2, ours at 1; model weight decay 1e-5 there, per layer as the paper here.)
 
-Both sides run at the same time, as two single-threaded processes
-(`torch.set_num_threads(1)`; XLA without its Eigen thread pool), so that they see
-the same load from the rest of the machine; the load average is sampled during
-the run and saved with the numbers.
+Both sides run at the same time, each pinned to a core of its own
+(`os.sched_setaffinity` before exec; `--cores`), so that they see the same load
+from the rest of the machine; the load average is sampled during the run and
+saved with the numbers. Thread settings alone did not hold our side to one core:
+XLA still ran helper threads (an audit measured 1.44 CPU seconds per wall second
+for ours), and `intra_op_parallelism_threads=1` without its `--` was silently
+ignored (with it, XLA aborts on an unknown flag); only the pinning holds. Each
+side's CPU seconds per wall second in its window is recorded as the check. The
+primary ratio is process CPU seconds per 1000 env steps, wall time beside it.
 
 Measured: windows of `--window` env steps, each holding one model fit, its batch
 of rollouts and window x 10 SAC updates. mbrl-lib's window starts at its second fit
@@ -57,7 +62,8 @@ from benchmarks.harness import load_results, save_results
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".peers" / "mbrl-venv"
 RANDOM_STEPS, FIT_EVERY = 5000, 250
-XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# No Eigen thread pool for XLA; the core it may use is set by the pinning (see the docstring).
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 
 # Driver for mbrl-lib, run with the venv's python: our own timing code around its
 # public functions (patched module attributes), stopping after the window.
@@ -178,7 +184,12 @@ def mbrl_conf_dir(py: Path) -> str:
     return str(dst)
 
 
-def run_mbrl(threads: int, window: int, hidden: int, seed: int = 1) -> dict:
+def pinned_to(core: int | None):
+    """A preexec_fn that pins the child to `core` (None: not pinned)."""
+    return None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+
+
+def run_mbrl(threads: int, window: int, hidden: int, seed: int = 1, core: int | None = None) -> dict:
     py = build_venv()
     out = Path(tempfile.mkdtemp(prefix="mbrl_speed_")) / "timings.json"
     driver = out.parent / "driver.py"
@@ -188,7 +199,7 @@ def run_mbrl(threads: int, window: int, hidden: int, seed: int = 1) -> dict:
     # mbrl-lib's loop fits first after 5000 + 250 steps; its second fit sees 5500 rows.
     subprocess.run([str(py), str(driver), str(threads), str(window), "1", str(out), mbrl_conf_dir(py),
                     f"overrides.sac_hidden_size={hidden}", f"seed={seed}"], env=env,
-                   check=True, cwd=out.parent)
+                   check=True, cwd=out.parent, preexec_fn=pinned_to(core))
     return json.loads(out.read_text())
 
 
@@ -201,7 +212,7 @@ OURS_FLAGS = ["--env-id", "HalfCheetah-v4", "--random-steps", str(RANDOM_STEPS),
 
 
 def run_ours(threads: int, window: int, hidden: int, seed: int = 1, mbrl_done: threading.Event | None = None,
-             mbrl_span: list | None = None, max_windows: int = 12) -> dict:
+             mbrl_span: list | None = None, max_windows: int = 12, core: int | None = None) -> dict:
     """Ours in a subprocess (XLA's thread count is fixed at start), read from the
     cumulative `time/*` and `cpu/*` metrics logged every 250 steps. Its windows
     start at the row of step 5500 (the third fit comes at step 5501). With mbrl-lib
@@ -219,7 +230,8 @@ def run_ours(threads: int, window: int, hidden: int, seed: int = 1, mbrl_done: t
     read_rows = lambda: [json.loads(line) for line in next(tmp.glob("runs/*/metrics.jsonl")).read_text().splitlines()]
     with open(tmp / "stdout.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "driver.py", *OURS_FLAGS, "--hidden", str(hidden),
-                                 "--seed", str(seed), "--total-timesteps", str(end)], cwd=tmp, env=env, stdout=log)
+                                 "--seed", str(seed), "--total-timesteps", str(end)], cwd=tmp, env=env, stdout=log,
+                                preexec_fn=pinned_to(core))
         while proc.poll() is None:
             time.sleep(2)
             if mbrl_done is not None and mbrl_done.is_set():
@@ -326,15 +338,19 @@ def summarize(result: dict) -> list[dict]:
     loads = [v for v in (result.get("load_average_1min_during_window") or {}).values() if v is not None]
     loads = loads or [r[1] for r in result["load_average_samples"]]
     variant = "" if result.get("sac_hidden", 512) == 512 else f" but SAC 2x{result['sac_hidden']}"
+    pinned = (", each pinned to its own core" if (result.get("pinned_cores") or {}).get("ours") is not None
+              else ", NOT pinned")
+    host = result.get("host") or result.get("machine") or {}
+    pinned += f" on {host.get('cpu', 'a')} {host.get('cpu_family_model', '')} ({'/'.join(host.get('simd', []))})"
     print(f"speedup: {ratio:.2f}x wall, {cpu_ratio:.2f}x CPU seconds", flush=True)
     return [{"algorithm": "MBPO",
              "setting": f"HalfCheetah-v4, mbrl-lib's mbpo_halfcheetah config{variant}, {result['threads']} thread "
-                        f"each, run side by side (2-core CPU, 1-min load avg {sum(loads) / len(loads):.1f}); ours "
-                        f"{ratio:.2f}x faster in wall time, {cpu_ratio:.2f}x in process CPU seconds",
-             "metric": "seconds per 1000 env steps after learning starts",
-             "ours": round(o["window_seconds"], 1),
-             "reference": f"mbrl-lib 0.2.0: {m['window_seconds']:.1f} (ratio {ratio:.2f}x; CPU seconds "
-                          f"{m['window_cpu_seconds']:.1f} vs ours {o['window_cpu_seconds']:.1f}, {cpu_ratio:.2f}x)",
+                        f"each, run side by side{pinned} (1-min load avg {sum(loads) / len(loads):.1f}); ours "
+                        f"{cpu_ratio:.2f}x fewer process CPU seconds, {ratio:.2f}x less wall time",
+             "metric": "process CPU seconds per 1000 env steps after learning starts",
+             "ours": round(o["window_cpu_seconds"], 1),
+             "reference": f"mbrl-lib 0.2.0: {m['window_cpu_seconds']:.1f} (ratio {cpu_ratio:.2f}x; wall seconds "
+                          f"{m['window_seconds']:.1f} vs ours {o['window_seconds']:.1f}, {ratio:.2f}x)",
              "seeds": 1, "wall_seconds": round(result["run_wall_seconds"])}]
 
 
@@ -354,6 +370,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--window", type=int, default=250, help="env steps measured after learning starts")
     p.add_argument("--skip-mbrl", action="store_true")
+    p.add_argument("--cores", type=int, nargs=2, default=None,
+                   help="the cores ours and mbrl-lib are pinned to with --threads 1 (default: the first two this "
+                        "process may use)")
     p.add_argument("--ours-delay", type=float, default=0.0,
                    help="seconds to wait before starting ours, so that the two windows overlap in time (mbrl-lib "
                         "takes longer to reach its window)")
@@ -367,6 +386,15 @@ def main(argv=None):
         p.error("--seeds: the speed is measured with one seed")
     if a.resummarize:
         return resummarize()
+
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = a.cores or (allowed * 2)[:2]
+    if a.threads != 1:
+        cores = [None, None]
+    elif any(c not in allowed for c in cores):
+        p.error(f"--cores: this process may use cores {allowed}, got {cores}")
+    elif cores[0] == cores[1] and not a.skip_mbrl:
+        print(f"warning: both sides on core {cores[0]} (a one-core machine?)", flush=True)
 
     loads, done = [], threading.Event()
 
@@ -384,9 +412,9 @@ def main(argv=None):
             if name == "ours":
                 time.sleep(a.ours_delay)
                 extra = {} if a.skip_mbrl else {"mbrl_done": mbrl_done, "mbrl_span": mbrl_span}
-                results[name] = fn(a.threads, a.window, a.sac_hidden, a.seeds[0], **extra)
+                results[name] = fn(a.threads, a.window, a.sac_hidden, a.seeds[0], core=cores[0], **extra)
             else:
-                results[name] = fn(a.threads, a.window, a.sac_hidden, a.seeds[0])
+                results[name] = fn(a.threads, a.window, a.sac_hidden, a.seeds[0], core=cores[1])
                 mbrl_span.extend(results[name]["window_unix"])
             print(f"{name}:", {k: v for k, v in results[name].items() if k not in ("config", "all_windows")},
                   flush=True)
@@ -408,7 +436,10 @@ def main(argv=None):
     if errors:
         sys.exit("; ".join(errors))
     ours, theirs = results["ours"], results.get("mbrl")
+    if cores[0] is not None:  # the FLOP count and matmul rate on one core, as the runs had
+        os.sched_setaffinity(0, {cores[0]})
     hw = sac_flops_and_matmul_rate(a.threads, a.sac_hidden)
+    hw["matmul_2048_gflops_per_second"] = harness.matmul_rate()
 
     keys = ("window_seconds", "window_cpu_seconds", "model_train", "rollouts", "sac")
     per1000 = lambda t: {**{k: 1000 * t[k] / t["window_steps"] for k in keys},
@@ -425,6 +456,10 @@ def main(argv=None):
         "mbrl_overrides": "algorithm=mbpo overrides=mbpo_halfcheetah overrides.env=gym___HalfCheetah-v4 "
                           f"device=cpu seed={a.seeds[0]} overrides.sac_hidden_size={a.sac_hidden}",
         "threads": a.threads, "window_steps": a.window, "ours_delay_seconds": a.ours_delay,
+        "pinned_cores": {"ours": cores[0], "mbrl": cores[1]}, "host": harness.machine(),
+        # The check that each side was held to one core: CPU seconds per wall second in its window.
+        "cpu_seconds_per_wall_second": {name: r["window_cpu_seconds"] / r["window_seconds"]
+                                        for name, r in results.items()},
         "run_wall_seconds": time.time() - t0,
         "ours_seconds_per_1000_steps": per1000(ours), "ours_raw": ours,
         "mbrl_seconds_per_1000_steps": per1000(theirs) if theirs else None,
@@ -449,9 +484,17 @@ def main(argv=None):
     headline = summarize(result) if theirs else []
     if a.sac_hidden == 512:  # the main record; variants already stored are kept
         old = load_results("mbpo_speed") if (harness.RESULTS / "mbpo_speed.json").exists() else {}
-        extra = {"variants": old["variants"]} if "variants" in old else {}
-        headline += [r for r in old.get("headline", []) if "SAC 2x" in r["setting"]]
-        save_results("mbpo_speed", {**result, **extra, "headline": headline})
+        # Variants measured with both sides pinned are kept; older unpinned ones (and the record this run
+        # replaces, if unpinned) move to "earlier_unpinned": kept for the record, not shown as results.
+        pinned = lambda r: (r.get("pinned_cores") or {}).get("ours") is not None
+        variants = {k: v for k, v in old.get("variants", {}).items() if pinned(v)}
+        earlier = old.get("earlier_unpinned", {})
+        earlier.update({k: v for k, v in old.get("variants", {}).items() if k not in variants})
+        if old and not pinned(old):
+            earlier["sac_512"] = {k: v for k, v in old.items() if k not in ("variants", "earlier_unpinned", "headline")}
+        headline += [r for v in variants.values() for r in summarize(v)]
+        extra = {"variants": variants} if variants else {}
+        save_results("mbpo_speed", {**result, **extra, "earlier_unpinned": earlier, "headline": headline})
     else:  # a variant: added to the main record (its own fields and a second headline row)
         record = load_results("mbpo_speed")
         record.pop("benchmark"), record.pop("machine")

@@ -5,10 +5,15 @@ Papers:
   Adaptation of Deep Networks", https://arxiv.org/abs/1703.03400 (Sec. 3.3
   Alg. 3, reinforcement learning; Sec. 5.3, 2-D navigation and locomotion;
   Fig. 5 the adaptation curves). Facts from the authors' code
-  (cbfinn/maml_rl, maml_examples/maml_trpo_point.py): 2x100 ReLU Gaussian
-  policy, inner step 0.5 on 2-D navigation, 20 trajectories per task,
-  meta-batch 40 tasks, horizon 100, outer TRPO with max KL 0.01, linear
-  feature baseline, actions normalised to [-1, 1] (rllab's `normalize`).
+  (cbfinn/maml_rl, maml_examples/maml_trpo_point.py, test_maml_point.py):
+  2x100 ReLU Gaussian policy, inner step 0.5 on 2-D navigation (0.25 after
+  the first step at meta-test), batches of whole paths until 20 x 100 steps
+  per task (rllab's step budget; 40 x 100 at meta-test), meta-batch 40
+  tasks (20 for the policy of Fig. 5), horizon 100, an episode ends within
+  0.01 of the goal, outer TRPO with max KL 0.01, linear feature baseline,
+  actions normalised to [-1, 1] (rllab's `normalize`). The "pretrained"
+  baseline (use_maml=False): one Adam step (1e-3) per iteration on the
+  multi-task policy-gradient loss.
 - Rothfuss, Lee, Clavera, Asfour, Abbeel 2018, "ProMP: Proximal Meta-Policy
   Search", https://arxiv.org/abs/1810.06784 (Sec. 5 the low-variance
   curvature (LVC) estimator, Sec. 6 the clipped meta-objective, Alg. 1).
@@ -29,19 +34,21 @@ Run:
     python -m algos.maml --total-timesteps 8000000        # the authors' 100 meta-iterations
     python -m algos.maml --first-order                    # first-order MAML
     python -m algos.maml --estimator promp                # ProMP
-    python -m algos.maml --inner-steps 0                  # multi-task "pretrained" baseline
+    python -m algos.maml --inner-steps 0                  # the paper's "pretrained" baseline (Adam, no inner step)
+    python -m algos.maml --inner-steps 0 --pretrain-optimizer trpo   # the same with TRPO (an extra)
     python -m algos.maml --env-id HalfCheetahDir-v0 --meta-batch 40 --total-timesteps 320000000
     python -m algos.maml --resume runs/<run>                # continue from its last checkpoint
 
 Algorithm (Alg. 3 of the paper; numbers mark the code below):
     [1] sample a meta-batch of tasks T_i ~ p(T)
     for each task, for inner step j = 0 .. K-1:
-      [2] sample N trajectories D_ij with pi_{theta'_ij} (theta'_i0 = theta)
+      [2] sample D_ij with pi_{theta'_ij} (theta'_i0 = theta): whole paths
+          until N x horizon steps (rllab's step budget)
       [3] fit the linear feature baseline to D_ij; advantages A = R - b(s, t)
       [4] inner step: theta'_i,j+1 = theta'_ij + alpha grad L_in(theta'_ij; D_ij)
           maml:  L_in = mean_t log pi(a_t|s_t) A_t
           promp: L_in = mean_t [pi(a_t|s_t) / pi_sampling(a_t|s_t)] A_t (LVC)
-    [5] sample post-update trajectories D'_i with pi_{theta'_iK}; advantages
+    [5] sample post-update paths D'_i with pi_{theta'_iK} (same budget); advantages
     [6] outer step on theta, the D_ij and D'_i held fixed, the theta'_iK
         recomputed as functions of theta (autodiff through [4]):
           maml:  TRPO on S(theta) = mean_i mean_t r_t(theta) A'_t,
@@ -51,6 +58,7 @@ Algorithm (Alg. 3 of the paper; numbers mark the code below):
                  backtracking line search that checks the KL and the surrogate
           promp: a few Adam steps on mean_i clip-objective(r_t, A'_t)
                  - eta KL(pi_theta_old || pi_theta) on the pre-update states
+          pretrained baseline (K = 0): one Adam step on -mean_i mean_t log pi_theta A_t
     [7] every eval_interval steps: meta-test on new tasks, the return before
         adaptation and after 1, 2, 3 inner steps (Fig. 5)
 """
@@ -94,11 +102,20 @@ class Args(CommonArgs):
     eval_episodes: int = 40
     """meta-test tasks (new goals); the paper's test script uses 40"""
     meta_batch: int = 20
-    """tasks per meta-iteration (authors' 2-D code: 40; 20 "fairly stable")"""
+    """tasks per meta-iteration (authors' 2-D code: 40; the policy of their Fig. 5 was trained with 20)"""
     trajectories_per_task: int = 20
-    """N, trajectories per task and per inner step (and after adaptation)"""
+    """N: each batch of a task (per inner step, and after adaptation) holds whole paths until it has at least
+    N x horizon steps (rllab's step budget; more, shorter paths when episodes end early)"""
+    eval_trajectories: int = 40
+    """N at meta-test: whole paths until N x horizon steps per task (the authors' test script: 4000 steps = 40 x 100)"""
     inner_steps: int = 1
-    """K, inner policy-gradient steps in meta-training (0: plain multi-task TRPO, the paper's "pretrained" baseline)"""
+    """K, inner policy-gradient steps in meta-training (0: the multi-task "pretrained" baseline, see
+    --pretrain-optimizer)"""
+    pretrain_optimizer: Literal["adam", "trpo"] = "adam"
+    """with --inner-steps 0: adam = the paper's pretrained baseline (the authors' use_maml=False: one Adam step of
+    --adam-lr per meta-iteration on the multi-task policy-gradient loss); trpo = TRPO on the same samples (an extra)"""
+    adam_lr: float = 1e-3
+    """the pretrained baseline's Adam step size (the authors' FirstOrderOptimizer default)"""
     inner_lr: float = 0.5
     """alpha, inner step size (authors' 2-D navigation code: 0.5)"""
     first_order: bool = False
@@ -142,7 +159,8 @@ class Dims(NamedTuple):
 
 
 def steps_per_iteration(args: Args, dims: Dims) -> int:
-    """Real env steps of one meta-iteration: K pre-update batches and one post-update batch."""
+    """Env steps of one meta-iteration, counted as rllab does (the step budgets): K pre-update batches and one
+    post-update batch of N x horizon steps per task (a batch's last path may run up to horizon - 1 steps over)."""
     return args.meta_batch * args.trajectories_per_task * dims.horizon * (args.inner_steps + 1)
 
 
@@ -178,52 +196,71 @@ def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q):
 
 
 class Batch(NamedTuple):
-    """Trajectories of one task: leading axes (N, T); (M, N, T) for a meta-batch."""
+    """The samples of one task: leading axes (P, L), P lanes of L steps; (M, P, L) for a meta-batch. A lane holds
+    whole paths one after another: pure-JAX families have P = 1 lane of L = N H + H - 1 steps (the step budget N H
+    and room to finish the last path, see `rollouts`), MuJoCo families P = N lanes of one path of L = H steps."""
 
-    obs: jax.Array  # (N, T, obs_dim)
-    action: jax.Array  # (N, T, action_dim), in [-1, 1]-space, before clipping
-    reward: jax.Array  # (N, T)
-    mask: jax.Array  # (N, T) 1 while the episode runs, 0 after termination
-    logp: jax.Array  # (N, T) log-prob under the policy that sampled it
-    advantage: jax.Array  # (N, T) filled by `with_advantages`
+    obs: jax.Array  # (P, L, obs_dim)
+    action: jax.Array  # (P, L, action_dim), in [-1, 1]-space, before clipping
+    reward: jax.Array  # (P, L), 0 where mask is 0
+    mask: jax.Array  # (P, L) 1 on the steps of the paths kept in the batch, else 0
+    logp: jax.Array  # (P, L) log-prob under the policy that sampled it
+    advantage: jax.Array  # (P, L) filled by `with_advantages`
+    step: jax.Array  # (P, L) the step's index within its path (0 at a path's first step)
+    last: jax.Array  # (P, L) 1 at the last step of a path (the goal reached or the horizon), else 0
 
 
 # ----------------------------------------------------------------------------
 # Sampling [2] (a pure-JAX task family, or MuJoCo's), returns, baseline and advantages [3]
 # ----------------------------------------------------------------------------
 def rollouts(apply_fn, params, task, key, env, args: Args, dims: Dims) -> Batch:
-    """[2] N trajectories of pi_params on one task, as one scan over time."""
+    """[2] rllab's sampling by a step budget: whole paths of pi_params on one task, one after another, until the
+    batch holds at least B = N H steps (rllab's batch_size counts steps; the authors give it as N trajectories x H).
+
+    A path ends when the env says so (2-D navigation: the goal reached) or after H steps; the env is then reset and
+    the next path starts. A path is kept when it starts before step B (the steps collected so far are < B), and is
+    then kept whole, as rllab's sampler keeps the path that crosses the budget (rllab/sampler/parallel_sampler.py,
+    sample_paths; sandbox/rocky/tf/samplers/vectorized_sampler.py keeps only finished paths). The last kept path
+    starts at step B - 1 at the latest and so ends by step B + H - 2: one scan of L = B + H - 1 steps (a fixed shape
+    for jit) holds every kept path, and `mask` marks them. Paths that never end early give exactly N paths of H
+    steps. Returns one lane: arrays (1, L, ...)."""
     low, high = env.action_space.low, env.action_space.high
+    budget = args.trajectories_per_task * dims.horizon  # B
+    k_init, k_steps = jax.random.split(key)
 
-    def one_trajectory(key):
-        k_init, k_steps = jax.random.split(key)
-        state = env.initial(k_init, task)
+    def step(carry, x):
+        state, t, start = carry  # env state, step within the path, index at which the path started
+        i, k = x
+        k_act, k_env, k_reset = jax.random.split(k, 3)
+        obs = env.observation(state, k_env, task)
+        mean, log_std = apply_fn(params, obs)
+        action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
+        # rllab's `normalize`: the policy acts in [-1, 1], the env in [low, high]
+        env_action = low + (jnp.clip(action, -1, 1) + 1) * 0.5 * (high - low)
+        nxt = env.transition(state, env_action, k_env, task)
+        reward = env.reward(state, env_action, nxt, k_env, task)
+        last = env.terminal(nxt, k_env, task) | (t + 1 == dims.horizon)
+        kept = (start < budget).astype(jnp.float32)
+        out = (obs, action, reward * kept, kept, gaussian_log_prob(mean, log_std, action), t, last * kept)
+        # auto-reset: after a path's last step the next path starts from the env's initial state
+        state = jax.tree.map(lambda a, b: jnp.where(last, a, b), env.initial(k_reset, task), nxt)
+        return (state, jnp.where(last, 0, t + 1), jnp.where(last, i + 1, start)), out
 
-        def step(carry, k):
-            state, alive = carry
-            k_act, k_env = jax.random.split(k)
-            obs = env.observation(state, k_env, task)
-            mean, log_std = apply_fn(params, obs)
-            action = mean + jnp.exp(log_std) * jax.random.normal(k_act, mean.shape)
-            # rllab's `normalize`: the policy acts in [-1, 1], the env in [low, high]
-            env_action = low + (jnp.clip(action, -1, 1) + 1) * 0.5 * (high - low)
-            nxt = env.transition(state, env_action, k_env, task)
-            reward = env.reward(state, env_action, nxt, k_env, task)
-            out = (obs, action, reward * alive, alive, gaussian_log_prob(mean, log_std, action))
-            return (nxt, alive * (1.0 - env.terminal(nxt, k_env, task))), out
-
-        _, (obs, act, rew, mask, logp) = jax.lax.scan(step, (state, 1.0), jax.random.split(k_steps, dims.horizon))
-        return obs, act, rew, mask, logp
-
-    obs, act, rew, mask, logp = jax.vmap(one_trajectory)(jax.random.split(key, args.trajectories_per_task))
-    return Batch(obs, act, rew, mask, logp, jnp.zeros_like(rew))
+    length = budget + dims.horizon - 1  # L
+    init = (env.initial(k_init, task), jnp.int32(0), jnp.int32(0))
+    _, (obs, act, rew, mask, logp, t, last) = jax.lax.scan(
+        step, init, (jnp.arange(length), jax.random.split(k_steps, length)))
+    lane = lambda x: x[None]  # (L, ...) -> (1, L, ...)
+    return Batch(lane(obs), lane(act), lane(rew), lane(mask), lane(logp), lane(jnp.zeros_like(rew)),
+                 lane(t.astype(jnp.float32)), lane(last.astype(jnp.float32)))
 
 
 class GymTaskSampler:
     """[2] for a MuJoCo task family (common/envs/mujoco_tasks.py): M x N copies of the env in a gymnasium
-    SyncVectorEnv, each given its task; one jitted policy call per time step for all of them. Returns the same
-    `Batch` as `rollouts`. Its state (for checkpoints, `state()` and `set_state()`): the reset-seed counter and the
-    sub-envs' states."""
+    SyncVectorEnv, each given its task; one jitted policy call per time step for all of them, N paths of at most H
+    steps per task (a fixed number of paths: the step budget of `rollouts` only differs from it when paths end
+    early). Returns a `Batch` of N lanes of H steps. Its state (for checkpoints, `state()` and `set_state()`): the
+    reset-seed counter and the sub-envs' states."""
 
     def __init__(self, env_id: str, apply_fn, args: Args, dims: Dims, seed: int):
         self.args, self.dims, self.seed = args, dims, seed
@@ -252,14 +289,15 @@ class GymTaskSampler:
         self.seed += 1
         obs, _ = self.envs.reset(seed=self.seed)  # env i gets seed + i
         alive = np.ones(M * N, np.float32)
-        out = {k: [] for k in ("obs", "action", "reward", "mask", "logp")}
+        out = {k: [] for k in ("obs", "action", "reward", "mask", "logp", "step", "last")}
         for t in range(T):
             action, logp = self.act(params_per_task, jnp.asarray(obs).reshape(M, N, -1), jax.random.fold_in(key, t))
             action = np.asarray(action).reshape(M * N, -1)
             env_action = self.low + (np.clip(action, -1, 1) + 1) * 0.5 * (self.high - self.low)
             next_obs, reward, terminated, _, _ = self.envs.step(env_action)
+            last = np.maximum(alive * terminated, float(t == T - 1))  # the path's last step: terminated or at H
             for k, v in (("obs", obs), ("action", action), ("reward", reward * alive), ("mask", alive.copy()),
-                         ("logp", np.asarray(logp).reshape(-1))):
+                         ("logp", np.asarray(logp).reshape(-1)), ("step", np.full(M * N, t)), ("last", last)):
                 out[k].append(np.asarray(v, np.float32))
             alive, obs = alive * (1.0 - terminated), next_obs
         # (T, M*N, ...) -> (M, N, T, ...)
@@ -267,40 +305,44 @@ class GymTaskSampler:
         return Batch(advantage=jnp.zeros_like(arrays["reward"]), **arrays)
 
 
-def discounted_returns(reward, mask, gamma):
-    """R_t = sum_{l >= 0} gamma^l r_{t+l}, per trajectory: (N, T)."""
+def discounted_returns(reward, last, gamma):
+    """R_t = sum_{l >= 0} gamma^l r_{t+l} up to the end of t's path (a lane holds paths one after another, `last`
+    marks each path's final step): (P, L)."""
 
     def back(acc, x):
-        r, m = x
-        acc = r + gamma * acc * m
+        r, end = x
+        acc = r + gamma * acc * (1.0 - end)  # a path's last step does not see the next path
         return acc, acc
 
-    _, ret = jax.lax.scan(back, jnp.zeros(reward.shape[0]), (reward.T, mask.T), reverse=True)
+    _, ret = jax.lax.scan(back, jnp.zeros(reward.shape[0]), (reward.T, last.T), reverse=True)
     return ret.T
 
 
-def baseline_features(obs, mask):
-    """rllab's LinearFeatureBaseline features [o, o^2, t, t^2, t^3, 1] with t = step / 100 and o clipped to
-    [-10, 10]: (N, T, 2 obs_dim + 4)."""
-    n, T = mask.shape
+def baseline_features(obs, step, mask):
+    """rllab's LinearFeatureBaseline features [o, o^2, t, t^2, t^3, 1] with t = (step within the path) / 100 and
+    o clipped to [-10, 10]: (P, L, 2 obs_dim + 4)."""
     o = jnp.clip(obs, -10, 10)
-    t = jnp.broadcast_to((jnp.arange(T) / 100.0)[None, :, None], (n, T, 1))
+    t = (step / 100.0)[..., None]
     return jnp.concatenate([o, o**2, t, t**2, t**3, jnp.ones_like(t)], axis=-1) * mask[..., None]
 
 
 def fit_linear_baseline(features, returns, mask, reg: float = 1e-5):
-    """Ridge regression of returns on features over the valid steps: w = (X^T X + reg I)^-1 X^T y. Returns the
-    fitted values (N, T)."""
+    """Ridge regression of returns on features over the valid steps: w = (X^T X + reg I)^-1 X^T y. As rllab's
+    LinearFeatureBaseline.fit does, a solve that gives NaNs (X^T X singular in float32, e.g. two identical features)
+    is retried with the regulariser x10, up to 5 tries. Returns the fitted values (P, L)."""
     X = features.reshape(-1, features.shape[-1])
     y = (returns * mask).reshape(-1)
-    w = jnp.linalg.solve(X.T @ X + reg * jnp.eye(X.shape[1]), X.T @ y)
+    A, b = X.T @ X, X.T @ y
+    tries = jnp.stack([jnp.linalg.solve(A + reg * 10.0**k * jnp.eye(X.shape[1]), b) for k in range(5)])  # (5, F)
+    w = tries[jnp.argmax(jnp.all(jnp.isfinite(tries), axis=1))]  # the first finite one (else the first)
     return features @ w
 
 
 def with_advantages(batch: Batch, gamma: float) -> Batch:
     """[3] A = R - b(s, t), then normalised to mean 0, std 1 over the valid steps (rllab's center_adv)."""
-    ret = discounted_returns(batch.reward, batch.mask, gamma)
-    adv = (ret - fit_linear_baseline(baseline_features(batch.obs, batch.mask), ret, batch.mask)) * batch.mask
+    ret = discounted_returns(batch.reward, batch.last, gamma)
+    features = baseline_features(batch.obs, batch.step, batch.mask)
+    adv = (ret - fit_linear_baseline(features, ret, batch.mask)) * batch.mask
     n = jnp.maximum(batch.mask.sum(), 1.0)
     mean = adv.sum() / n
     std = jnp.sqrt(((adv - mean) ** 2 * batch.mask).sum() / n)
@@ -309,6 +351,13 @@ def with_advantages(batch: Batch, gamma: float) -> Batch:
 
 def masked_mean(x, mask):
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def average_return(batch: Batch):
+    """rllab's AverageReturn: the undiscounted return per path, averaged over each task's paths (a task that
+    reaches its goal sooner has more, shorter paths), then over the tasks. Leading axes (M, ..., P, L)."""
+    per_task = lambda x: x.reshape(x.shape[0], -1).sum(-1)
+    return (per_task(batch.reward) / jnp.maximum(per_task(batch.last * batch.mask), 1.0)).mean()
 
 
 # ----------------------------------------------------------------------------
@@ -476,6 +525,24 @@ def promp_step(apply_fn, theta, pre: Batch, post: Batch, args: Args):
     return new, {"objective_first": -values[0], "objective_last": -values[-1]}
 
 
+def pretrain_loss(apply_fn, theta, batch: Batch):
+    """The multi-task policy-gradient loss of the pretrained baseline: minus the mean over tasks of each task's mean
+    log pi(a|s) A (the authors' surrogate of step 0 with use_maml=False, sandbox/rocky/tf/algos/maml_npo.py)."""
+    per_task = jax.vmap(lambda b: masked_mean(gaussian_log_prob(*apply_fn(theta, b.obs), b.action) * b.advantage,
+                                              b.mask))(batch)
+    return -per_task.mean()
+
+
+def pretrain_adam_step(apply_fn, theta, opt_state, post: Batch, args: Args):
+    """[6] --inner-steps 0 with --pretrain-optimizer adam: ONE Adam step on the whole batch (max_epochs 1, batch_size
+    None in the authors' FirstOrderOptimizer). Unlike ProMP's, this Adam's moments live on from one meta-iteration to
+    the next (one TF optimiser built once), so they are part of the checkpoint."""
+    opt = optax.adam(args.adam_lr)
+    loss, grad = jax.value_and_grad(lambda th: pretrain_loss(apply_fn, th, post))(theta)
+    updates, opt_state = opt.update(grad, opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grad)}
+
+
 # ----------------------------------------------------------------------------
 # Meta-training phases and meta-test
 # ----------------------------------------------------------------------------
@@ -485,7 +552,7 @@ class Phases(NamedTuple):
 
     sample: Callable  # (params per task, tasks, key) -> Batch with advantages   [2], [3], [5]
     inner: Callable  # (params per task, batch, lr) -> adapted params           [4]
-    outer: Callable  # (theta, pre, post) -> theta, info                        [6]
+    outer: Callable  # (theta, opt_state, pre, post) -> theta, opt_state, info  [6]
     sampler: GymTaskSampler | None
 
 
@@ -508,9 +575,16 @@ def make_phases(env, policy: GaussianMLP, args: Args, dims: Dims, seed: int = 0)
 
     # [4] one inner step per task (values only: the outer step redoes it)
     inner = jax.jit(jax.vmap(lambda p, b, lr: inner_step(apply_fn, p, b, args, lr), in_axes=(0, 0, None)))
-    # [6] the outer update; pre has axes (M, K, N, T, ...)
-    outer_step = promp_step if args.estimator == "promp" else trpo_step
-    outer = jax.jit(lambda theta, pre, post: outer_step(apply_fn, theta, pre, post, args))
+    # [6] the outer update; pre has axes (M, K, P, L, ...). Only the pretrained baseline's Adam has a state.
+    if uses_adam(args):
+        outer = jax.jit(lambda theta, opt_state, pre, post: pretrain_adam_step(apply_fn, theta, opt_state, post, args))
+    else:
+        outer_step = promp_step if args.estimator == "promp" else trpo_step
+
+        @jax.jit
+        def outer(theta, opt_state, pre, post):
+            theta, info = outer_step(apply_fn, theta, pre, post, args)
+            return theta, opt_state, info
     return Phases(sample, inner, outer, gym_sampler)
 
 
@@ -518,9 +592,20 @@ def broadcast(params, n: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
 
 
-def meta_iteration(theta, tasks, key, phases: Phases, args: Args):
-    """[2]-[6] one meta-iteration. Returns the new theta, the mean return before and after adaptation, and the outer
-    step's diagnostics."""
+def uses_adam(args: Args) -> bool:
+    """The paper's pretrained baseline: no inner step, one Adam step per meta-iteration."""
+    return args.inner_steps == 0 and args.pretrain_optimizer == "adam"
+
+
+def init_opt_state(theta, args: Args):
+    """The outer optimiser's state: Adam's moments for the pretrained baseline, else nothing (TRPO has none,
+    ProMP's Adam restarts every meta-iteration)."""
+    return optax.adam(args.adam_lr).init(theta) if uses_adam(args) else ()
+
+
+def meta_iteration(theta, opt_state, tasks, key, phases: Phases, args: Args):
+    """[2]-[6] one meta-iteration. Returns the new theta and outer optimiser state, and the mean return before and
+    after adaptation (rllab's AverageReturn) with the outer step's diagnostics."""
     params, pre = broadcast(theta, args.meta_batch), []
     for j in range(args.inner_steps):
         batch = phases.sample(params, tasks, jax.random.fold_in(key, j))  # [2], [3]
@@ -528,24 +613,24 @@ def meta_iteration(theta, tasks, key, phases: Phases, args: Args):
         params = phases.inner(params, batch, args.inner_lr)  # [4]
     post = phases.sample(params, tasks, jax.random.fold_in(key, args.inner_steps))  # [5]
     if pre:
-        pre = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *pre)  # (M, K, N, T, ...)
+        pre = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *pre)  # (M, K, P, L, ...)
     else:  # no adaptation: the "pre-update" batch is the post-update one
         pre = jax.tree.map(lambda x: x[:, None], post)
-    theta, info = phases.outer(theta, pre, post)  # [6]
-    returns = lambda b: b.reward.sum(-1).mean()
-    info = {**info, "return/pre_update": returns(pre) if args.inner_steps else returns(post),
-            "return/post_update": returns(post)}
-    return theta, info
+    theta, opt_state, info = phases.outer(theta, opt_state, pre, post)  # [6]
+    info = {**info, "return/pre_update": average_return(jax.tree.map(lambda x: x[:, 0], pre)),
+            "return/post_update": average_return(post)}
+    return theta, opt_state, info
 
 
 def meta_test(theta, tasks, key, phases: Phases, args: Args, steps: int):
     """[7] Fig. 5: mean return on new tasks before adaptation and after each of `steps` inner steps, each step on
-    fresh samples of the adapted policy. (The authors' test script halves the step size after the first step.)
-    `args.meta_batch` is the number of test tasks (see `setup`)."""
+    fresh samples of the adapted policy: rllab's AverageReturn of each task's batch, averaged over the tasks. The
+    authors' test script (maml_examples/test_maml_point.py) steps with alpha first, then alpha / 2. `args.meta_batch`
+    is the number of test tasks and `args.trajectories_per_task` the test batch (see `setup`)."""
     params, curve = broadcast(theta, args.meta_batch), []
     for j in range(steps + 1):
         batch = phases.sample(params, tasks, jax.random.fold_in(key, j))
-        curve.append(float(batch.reward.sum(-1).mean()))
+        curve.append(float(average_return(batch)))
         if j < steps:
             params = phases.inner(params, batch, args.inner_lr if j == 0 else args.inner_lr / 2)
     return curve
@@ -567,10 +652,10 @@ def make_task_env(env_id: str):
 
 def validate(args: Args):
     """One-line errors for settings that cannot work, before anything heavy. Returns the task family and its sizes."""
-    check_ranges(args, at_least_1=("meta_batch", "trajectories_per_task", "cg_iters", "backtrack_steps",
-                                   "promp_steps", "hidden_sizes"),
+    check_ranges(args, at_least_1=("meta_batch", "trajectories_per_task", "eval_trajectories", "cg_iters",
+                                   "backtrack_steps", "promp_steps", "hidden_sizes"),
                  non_negative=("inner_steps", "test_steps", "cg_damping", "promp_kl_coef"),
-                 positive=("inner_lr", "max_kl", "promp_lr", "promp_clip"), discount=("gamma",),
+                 positive=("inner_lr", "max_kl", "promp_lr", "promp_clip", "adam_lr"), discount=("gamma",),
                  open_unit=("backtrack_ratio",))
     if args.backtrack_ratio >= 1:
         fail(f"--backtrack-ratio must be < 1 (the line search shrinks the step), got {args.backtrack_ratio}")
@@ -585,12 +670,13 @@ def validate(args: Args):
     if args.total_timesteps < per_iter:
         fail(f"--total-timesteps {args.total_timesteps} is less than one meta-iteration: --meta-batch x "
              f"--trajectories-per-task x horizon ({dims.horizon}) x (--inner-steps + 1) = {per_iter} env steps")
-    # the trajectory batches of one iteration (obs, action, reward, mask, logp, advantage), in float32, held as
-    # NumPy/device copies and stacked: about 3 copies
-    largest = max(args.meta_batch, args.eval_episodes)
-    check_memory(3 * 4 * largest * args.trajectories_per_task * dims.horizon * (args.inner_steps + 1)
-                 * (dims.obs_dim + dims.action_dim + 4), "the trajectory batches",
-                 "lower --meta-batch, --eval-episodes or --trajectories-per-task")
+    # the sample batches of one iteration (obs, action, reward, mask, logp, advantage, step, last; (N + 1) x horizon
+    # steps per task at most), in float32, held as NumPy/device copies and stacked: about 3 copies
+    largest = max(args.meta_batch * args.trajectories_per_task * (args.inner_steps + 1),
+                  args.eval_episodes * args.eval_trajectories)
+    check_memory(3 * 4 * largest * dims.horizon * (1 + 1 / min(args.trajectories_per_task, args.eval_trajectories))
+                 * (dims.obs_dim + dims.action_dim + 6), "the trajectory batches",
+                 "lower --meta-batch, --eval-episodes, --trajectories-per-task or --eval-trajectories")
     return env, dims
 
 
@@ -599,36 +685,48 @@ def validate(args: Args):
 # ----------------------------------------------------------------------------
 def setup(args: Args):
     """Env, sizes, policy and the jitted phases for training and for the meta-test (whose args have
-    meta_batch = eval_episodes, the test tasks)."""
+    meta_batch = eval_episodes, the test tasks, and trajectories_per_task = eval_trajectories)."""
     env, dims = validate(args)
     policy = GaussianMLP(dims.action_dim, tuple(args.hidden_sizes))
-    test_args = dataclasses.replace(args, meta_batch=args.eval_episodes)
+    test_args = dataclasses.replace(args, meta_batch=args.eval_episodes, trajectories_per_task=args.eval_trajectories)
     return (env, dims, policy, make_phases(env, policy, args, dims, args.seed), test_args,
             make_phases(env, policy, test_args, dims, args.seed + 10_000))
 
 
-def main(args: Args) -> dict:
-    env, dims, policy, phases, test_args, test_phases = setup(args)
+def initial_state(args: Args, env, dims: Dims, policy: GaussianMLP):
+    """The run's starting point from its seed: the key for training, theta (random init, or --init-params), and
+    the meta-test's key and new tasks (the same at every meta-test)."""
     key = seed_everything(args.seed)
-    per_iter = steps_per_iteration(args, dims)
-    iterations, eval_every = args.total_timesteps // per_iter, max(1, args.eval_interval // per_iter)
     key, k_init, k_test = jax.random.split(key, 3)
     theta = policy.init(k_init, jnp.zeros(dims.obs_dim))
     if args.init_params and not args.resume:
         theta = load_checkpoint(args.init_params, theta, what="--init-params")
-    test_tasks = env.sample_tasks(k_test, args.eval_episodes)  # the same new tasks at every meta-test
+    return key, theta, k_test, env.sample_tasks(k_test, args.eval_episodes)
+
+
+def main(args: Args) -> dict:
+    env, dims, policy, phases, test_args, test_phases = setup(args)
+    per_iter = steps_per_iteration(args, dims)
+    iterations, eval_every = args.total_timesteps // per_iter, max(1, args.eval_interval // per_iter)
+    key, theta, k_test, test_tasks = initial_state(args, env, dims, policy)
+    opt_state = init_opt_state(theta, args)
     run = Run(args)
 
-    # Everything needed to continue after a meta-iteration: theta, the iteration counter, the key, and (MuJoCo) the
-    # samplers' seeds and envs. ProMP's Adam restarts at every iteration, so there is no optimiser state.
+    # Everything needed to continue after a meta-iteration: theta, the iteration counter, the key, the pretrained
+    # baseline's Adam moments and (MuJoCo) the samplers' seeds and envs. ProMP's Adam restarts at every iteration.
     samplers = {name: p.sampler for name, p in (("train", phases), ("test", test_phases)) if p.sampler is not None}
-    checkpoint = lambda theta, key, it: {"theta": theta, "key": key, "iteration": np.int64(it),
-                                         "samplers": {name: s.state() for name, s in samplers.items()}}
-    state = run.restore(checkpoint(theta, key, 0))
+    checkpoint = lambda theta, opt_state, key, it: {
+        "theta": theta, "key": key, "iteration": np.int64(it), **({"opt_state": opt_state} if opt_state else {}),
+        "samplers": {name: s.state() for name, s in samplers.items()}}
+    state = run.restore(checkpoint(theta, opt_state, key, 0))
     theta, key, start_it = state["theta"], state["key"], int(state["iteration"])
+    opt_state = state.get("opt_state", opt_state)
     name = "ProMP" if args.estimator == "promp" else ("first-order MAML" if args.first_order else "MAML")
-    progress = Progress(f"{name} on {args.env_id}: {args.meta_batch} tasks x {args.trajectories_per_task} "
-                        f"trajectories, {per_iter:,} env steps per meta-iteration", iterations,
+    if args.inner_steps == 0:
+        name = f"pretrained multi-task policy ({args.pretrain_optimizer})"
+    budget = args.trajectories_per_task * dims.horizon
+    progress = Progress(f"{name} on {args.env_id}: {args.meta_batch} tasks x {budget} steps, {per_iter:,} env "
+                        "steps per meta-iteration", iterations,
                         unit="meta-iterations", start=start_it, compiling="the inner and outer steps")
     for name, sampler in samplers.items() if start_it else ():
         sampler.set_state(state["samplers"][name])
@@ -638,7 +736,7 @@ def main(args: Args) -> dict:
         key, k_tasks, k_iter = jax.random.split(key, 3)
         tasks = env.sample_tasks(k_tasks, args.meta_batch)  # [1]
         with run.timed("meta_iteration"):
-            theta, info = meta_iteration(theta, tasks, k_iter, phases, args)  # [2]-[6]
+            theta, opt_state, info = meta_iteration(theta, opt_state, tasks, k_iter, phases, args)  # [2]-[6]
             info = jax.device_get(info)
         check_finite(step, **info)
         metrics = {**{k: float(v) for k, v in info.items()}, "sps": (it - start_it) * per_iter / (time.time() - start)}
@@ -654,7 +752,7 @@ def main(args: Args) -> dict:
         progress.update(it, metrics, ["return/pre_update", "return/post_update", "eval/return_after_0_steps",
                                       "eval/return_after_1_steps"])
         if run.checkpoint_due(step, step - per_iter) or it == iterations:
-            run.save(checkpoint(theta, key, it), step)
+            run.save(checkpoint(theta, opt_state, key, it), step)
     if args.save_model:
         print(f"saved {save_checkpoint(run.dir / 'policy.msgpack', theta)}")
     if curves:

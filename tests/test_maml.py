@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 from algos import maml
 from common.checkpoints import load_checkpoint, save_checkpoint
 from common.checks import Divergence
+from common.envs import make_env
 from common.experiment import read_metrics
 
 DIMS = maml.Dims(obs_dim=2, action_dim=2, horizon=6)
@@ -30,8 +31,9 @@ def replace(args, **changes):
 
 
 def random_batch(key, shape, obs_dim=2, action_dim=2):
-    """A synthetic batch with fixed data (leading axes `shape`)."""
+    """A synthetic batch with fixed data (leading axes `shape`, the last one time: one path per lane)."""
     k = jax.random.split(key, 5)
+    T = shape[-1]
     return maml.Batch(
         obs=jax.random.normal(k[0], (*shape, obs_dim)),
         action=jax.random.normal(k[1], (*shape, action_dim)),
@@ -39,6 +41,8 @@ def random_batch(key, shape, obs_dim=2, action_dim=2):
         mask=jnp.ones(shape),
         logp=jax.random.normal(k[3], shape) - 2.0,
         advantage=jax.random.normal(k[4], shape),
+        step=jnp.broadcast_to(jnp.arange(T, dtype=jnp.float32), shape),
+        last=jnp.broadcast_to((jnp.arange(T) == T - 1).astype(jnp.float32), shape),
     )
 
 
@@ -137,19 +141,29 @@ def test_trpo_line_search_respects_the_kl_bound_and_improves():
 
 
 def test_linear_baseline_equals_least_squares_and_returns_equal_a_loop():
+    """Lanes holding several paths one after another: the returns stop at each path's last step, the baseline's
+    time feature restarts with each path."""
     rng = np.random.default_rng(0)
     obs = jnp.asarray(rng.normal(size=(4, 7, 3)))
     mask = jnp.ones((4, 7))
     rewards = jnp.asarray(rng.normal(size=(4, 7)))
-    ret = maml.discounted_returns(rewards, mask, 0.9)
+    ends = [{6}, {2, 6}, {0, 3, 6}, {4, 5, 6}]  # the last step of each path, per lane
+    last = jnp.asarray([[float(t in e) for t in range(7)] for e in ends])
+    step = np.zeros((4, 7))
+    for i in range(4):
+        for t in range(1, 7):
+            step[i, t] = 0 if t - 1 in ends[i] else step[i, t - 1] + 1
+    ret = maml.discounted_returns(rewards, last, 0.9)
     loop = np.zeros((4, 7))
     for i in range(4):
         acc = 0.0
         for t in reversed(range(7)):
-            acc = float(rewards[i, t]) + 0.9 * acc
+            acc = float(rewards[i, t]) + (0.0 if t in ends[i] else 0.9 * acc)
             loop[i, t] = acc
     np.testing.assert_allclose(ret, loop, rtol=1e-5)
-    X = maml.baseline_features(obs, mask)
+    assert loop[1, 2] == pytest.approx(float(rewards[1, 2]))  # a path's last return is its last reward
+    X = maml.baseline_features(obs, jnp.asarray(step), mask)
+    np.testing.assert_allclose(X[2, :, 6], [0, 0, 0.01, 0.02, 0, 0.01, 0.02], atol=1e-7)  # t / 100, restarted
     fit = maml.fit_linear_baseline(X, ret, mask, reg=0.0)
     w, *_ = np.linalg.lstsq(np.asarray(X).reshape(28, -1), np.asarray(ret).reshape(-1), rcond=None)
     np.testing.assert_allclose(fit, (np.asarray(X) @ w), rtol=1e-3, atol=1e-3)
@@ -166,10 +180,126 @@ def test_point_navigation_tasks_change_the_reward():
     assert float(rewards.std()) > 0.05
 
 
+def test_point_navigation_ends_within_the_goal_box_unless_told_not_to():
+    """The authors' end rule: |dx| < 0.01 and |dy| < 0.01 (a box, not a disc); goal_tolerance 0 never ends."""
+    from common.jax_envs.navigation import PointNav2D
+
+    env, hover = PointNav2D(), PointNav2D(goal_tolerance=0.0)
+    task = env.default_params._replace(goal=jnp.array([0.3, -0.2]))
+    for offset, ends in (((0.009, -0.009), True), ((0.011, 0.0), False), ((0.0, 0.0101), False),
+                         ((0.0099, 0.0099), True)):  # the corner of the box is inside: a disc of 0.01 is not it
+        state = task.goal + jnp.asarray(offset)
+        assert bool(env.terminal(state, None, task)) == ends, offset
+        assert not bool(hover.terminal(state, None, task))
+    gym_env = make_env("PointNav2D-v0")  # the registered id has the end rule
+    gym_env.reset(seed=0, options={"task": task._replace(goal=jnp.array([0.1, 0.0]))})
+    _, reward, terminated, truncated, _ = gym_env.step(np.array([0.1, 0.0], np.float32))
+    assert terminated and not truncated and reward == pytest.approx(0.0, abs=1e-6)
+
+
+class CountdownEnv:
+    """A stub task family: a path ends after `length` steps (its terminal state), reward 1 per step; the state is
+    the step counter. With length >= horizon the paths end only at the horizon."""
+
+    action_space = maml.spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def __init__(self, length):
+        self.length = length
+
+    def initial(self, rng, task):
+        return jnp.float32(0.0)
+
+    def observation(self, state, rng, task):
+        return jnp.stack([state, state])
+
+    def transition(self, state, action, rng, task):
+        return state + 1
+
+    def reward(self, state, action, nxt, rng, task):
+        return jnp.float32(1.0) + 0 * task
+
+    def terminal(self, state, rng, task):
+        return state >= self.length
+
+
+@pytest.mark.parametrize("length", [7, 100])
+def test_step_budget_keeps_whole_paths_until_the_budget(length):
+    """rllab's step budget: whole paths until at least N x H = 30 steps (H = 10). Paths of 7 steps start at 0, 7,
+    14, 21 and 28 (< 30, kept whole: it ends at step 34); the one starting at 35 is dropped. Paths that only end at
+    the horizon give exactly N = 3 paths of H steps."""
+    cfg = tiny_config(trajectories_per_task=3)
+    dims = maml.Dims(obs_dim=2, action_dim=2, horizon=10)
+    policy = maml.GaussianMLP(2, (4,))
+    theta = policy.init(jax.random.PRNGKey(0), jnp.zeros(2))
+    b = maml.rollouts(policy.apply, theta, jnp.float32(0.0), jax.random.PRNGKey(1), CountdownEnv(length), cfg, dims)
+    assert b.obs.shape == (1, 39, 2)  # L = N H + H - 1
+    ends = [6, 13, 20, 27, 34] if length == 7 else [9, 19, 29]
+    kept = ends[-1] + 1
+    np.testing.assert_array_equal(b.mask[0], np.arange(39) < kept)
+    np.testing.assert_array_equal(np.flatnonzero(b.last[0]), ends)
+    np.testing.assert_array_equal(b.reward[0], b.mask[0])
+    path_len = min(length, 10)
+    np.testing.assert_array_equal(b.step[0, :kept], np.arange(kept) % path_len)
+    np.testing.assert_array_equal(b.obs[0, :kept, 0], np.arange(kept) % path_len)  # reset after each path
+    # rllab's AverageReturn: per path, then over paths (and tasks)
+    assert float(maml.average_return(jax.tree.map(lambda x: x[None], b))) == pytest.approx(path_len)
+    adv = maml.with_advantages(b, 0.9)
+    assert float(jnp.abs(adv.advantage * (1 - b.mask)).max()) == 0.0  # dropped steps carry no advantage
+
+
+def test_pretrained_baseline_takes_one_adam_step_on_the_multi_task_loss():
+    """The paper's pretrained baseline: one Adam step per meta-iteration on minus the mean over tasks of each
+    task's mean log pi A. Adam's first step moves every parameter by the step size in the direction of the policy
+    gradient; the moments carry over to the next step."""
+    cfg, policy, theta, _, post = tiny_problem(inner_steps=0, adam_lr=1e-3)
+    opt_state = maml.init_opt_state(theta, cfg)
+    new, opt_state, info = maml.pretrain_adam_step(policy.apply, theta, opt_state, post, cfg)
+    per_task = [maml.masked_mean(maml.gaussian_log_prob(*policy.apply(theta, post.obs[i]), post.action[i])
+                                 * post.advantage[i], post.mask[i]) for i in range(cfg.meta_batch)]
+    assert float(info["loss"]) == pytest.approx(-float(np.mean(per_task)), rel=1e-5)
+    grad = ravel_pytree(jax.grad(lambda th: -maml.pretrain_loss(policy.apply, th, post))(theta))[0]
+    moved = ravel_pytree(new)[0] - ravel_pytree(theta)[0]
+    big = jnp.abs(grad) > 1e-4
+    np.testing.assert_allclose(moved[big], 1e-3 * jnp.sign(grad[big]), rtol=1e-2)
+    assert int(opt_state[0].count) == 1
+    _, opt_state, _ = maml.pretrain_adam_step(policy.apply, new, opt_state, post, cfg)
+    assert int(opt_state[0].count) == 2
+    assert maml.init_opt_state(theta, replace(cfg, pretrain_optimizer="trpo")) == ()
+    assert maml.init_opt_state(theta, replace(cfg, inner_steps=1)) == ()
+
+
+def test_pretrained_baseline_resumes_with_its_adam_moments(tmp_path, monkeypatch):
+    """A pretrained-baseline run stopped after iteration 2 and resumed gives the uninterrupted run's metrics (its
+    Adam moments are in the checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    args = maml.Args(meta_batch=2, trajectories_per_task=2, hidden_sizes=(8, 8), eval_episodes=2, eval_trajectories=2,
+                     test_steps=1, inner_steps=0, total_timesteps=1600, eval_interval=800, checkpoint_interval=400,
+                     exp_name="full")
+    full = maml.main(args)
+    real, calls = maml.meta_iteration, []
+
+    def stopped(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(maml, "meta_iteration", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        maml.main(replace(args, exp_name="cut"))
+    monkeypatch.setattr(maml, "meta_iteration", real)
+    (cut,) = (tmp_path / "runs").glob("*cut*")
+    saved = load_checkpoint(cut / "checkpoint.msgpack")
+    assert int(saved["state"]["iteration"]) == 2 and int(saved["state"]["opt_state"]["0"]["count"]) == 2
+    maml.main(replace(args, exp_name="cut", resume=str(cut)))
+    assert comparable(read_metrics(cut)) == comparable(read_metrics(full["run_dir"]))
+    assert [r["global_step"] for r in read_metrics(cut)] == [400, 800, 1200, 1600]
+
+
 def test_it_learns_to_adapt_on_point_navigation():
     """A short meta-training: after one inner step the meta-learned policy is
     much better than before adaptation and than a random init after one step."""
-    args = maml.Args(meta_batch=10, trajectories_per_task=10, eval_episodes=10, test_steps=1,
+    args = maml.Args(meta_batch=10, trajectories_per_task=10, eval_episodes=10, eval_trajectories=10, test_steps=1,
                      total_timesteps=10 * 10 * 100 * 2 * 8, eval_interval=10**9)
     env, dims, policy, phases, test_cfg, test_phases = maml.setup(args)
     cfg = args
@@ -178,7 +308,7 @@ def test_it_learns_to_adapt_on_point_navigation():
     random_init = theta
     for it in range(8):
         tasks = env.sample_tasks(jax.random.fold_in(key, it), cfg.meta_batch)
-        theta, _ = maml.meta_iteration(theta, tasks, jax.random.fold_in(key, 100 + it), phases, cfg)
+        theta, _, _ = maml.meta_iteration(theta, (), tasks, jax.random.fold_in(key, 100 + it), phases, cfg)
     test_tasks = env.sample_tasks(jax.random.PRNGKey(7), args.eval_episodes)
     learned = maml.meta_test(theta, test_tasks, jax.random.PRNGKey(8), test_phases, test_cfg, 1)
     baseline = maml.meta_test(random_init, test_tasks, jax.random.PRNGKey(8), test_phases, test_cfg, 1)
@@ -191,8 +321,8 @@ def cli(*flags, cwd):
 
 
 def test_cli_smoke_and_bad_inputs(tmp_path):
-    out = cli("--meta-batch", "2", "--trajectories-per-task", "2", "--total-timesteps", "1600",
-              "--eval-interval", "800", "--eval-episodes", "2", "--save-model", cwd=tmp_path)
+    out = cli("--meta-batch", "2", "--trajectories-per-task", "2", "--total-timesteps", "1600", "--eval-interval",
+              "800", "--eval-episodes", "2", "--eval-trajectories", "2", "--save-model", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "eval/return_after_1_steps" in out.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -243,6 +373,8 @@ def test_gym_sampler_gives_each_env_its_task():
     assert [float(t) for t in sampler.envs.get_attr("task")] == [1.0, 1.0, -1.0, -1.0]
     assert batch.obs.shape == (2, 2, 4, 17) and batch.action.shape == (2, 2, 4, 6)
     assert np.all(np.asarray(batch.mask) == 1.0) and np.all(np.isfinite(np.asarray(batch.logp)))
+    np.testing.assert_array_equal(batch.step[1, 0], [0, 1, 2, 3])  # one path of H steps per lane
+    np.testing.assert_array_equal(batch.last[1, 0], [0, 0, 0, 1])
 
 
 def test_gym_sampler_state_continues_through_a_checkpoint(tmp_path):
@@ -268,7 +400,7 @@ def test_gym_sampler_state_continues_through_a_checkpoint(tmp_path):
 # Surviving: kill -9 and resume, divergence, bad input
 # ----------------------------------------------------------------------------
 TINY = ["--meta-batch", "2", "--trajectories-per-task", "2", "--hidden-sizes", "8", "8", "--eval-episodes", "2",
-        "--test-steps", "1"]  # PointNav2D-v0: 800 env steps per meta-iteration
+        "--eval-trajectories", "2", "--test-steps", "1"]  # PointNav2D-v0: 800 env steps per meta-iteration
 
 
 def test_kill_and_resume_gives_the_uninterrupted_metrics(tmp_path):
@@ -294,13 +426,13 @@ def test_divergence_names_the_step_and_quantity_and_keeps_the_checkpoint(tmp_pat
     real, calls = maml.meta_iteration, []
 
     def poisoned(*a, **k):  # the third meta-iteration (env step 2400) reports a NaN surrogate gain
-        theta, info = real(*a, **k)
+        theta, opt_state, info = real(*a, **k)
         calls.append(1)
-        return theta, ({**info, "surrogate_gain": jnp.nan} if len(calls) == 3 else info)
+        return theta, opt_state, ({**info, "surrogate_gain": jnp.nan} if len(calls) == 3 else info)
 
     monkeypatch.setattr(maml, "meta_iteration", poisoned)
-    args = maml.Args(meta_batch=2, trajectories_per_task=2, hidden_sizes=(8, 8), eval_episodes=2, test_steps=1,
-                     total_timesteps=4000, eval_interval=1600, checkpoint_interval=800)
+    args = maml.Args(meta_batch=2, trajectories_per_task=2, hidden_sizes=(8, 8), eval_episodes=2, eval_trajectories=2,
+                     test_steps=1, total_timesteps=4000, eval_interval=1600, checkpoint_interval=800)
     with pytest.raises(Divergence) as e:
         maml.main(args)
     message = str(e.value)
@@ -330,6 +462,9 @@ def init_files(tmp_path_factory):
     (["--init-params", "{init}/tree.msgpack"], "does not match this run"),
     (["--init-params", "{init}/shape.msgpack"], "has shape"),
     (["--eval-episodes", "0"], "--eval-episodes must be >= 1"),
+    (["--eval-trajectories", "0"], "--eval-trajectories must be >= 1"),
+    (["--inner-steps", "0", "--adam-lr", "0"], "--adam-lr must be > 0"),
+    (["--pretrain-optimizer", "sgd"], "--pretrain-optimizer"),
     (["--total-timesteps", "0"], "--total-timesteps must be >= 1"),
     (["--total-timesteps", "79999"], "less than one meta-iteration"),
     (["--cg-iters", "0"], "--cg-iters must be >= 1"),

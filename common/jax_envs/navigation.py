@@ -3,7 +3,9 @@
 - `PointNav2D` (a meta-RL task family): a point moves by velocity commands
   clipped to [-0.1, 0.1] from the origin towards a goal uniform in
   [-0.5, 0.5]^2; reward minus the distance to the goal; horizon 100 (Finn et
-  al. 2017, "MAML", Sec. 5.3). Registered as PointNav2D-v0.
+  al. 2017, "MAML", Sec. 5.3); the episode ends when the point is within
+  0.01 of the goal in both coordinates (the authors' env). Registered as
+  PointNav2D-v0.
 - `PointMass`: a point mass with exactly linear dynamics, for testing
   LQR-based methods (guided policy search); its task is the start position,
   a GPS condition (common/envs/conditions.py). Registered as PointMass-v0.
@@ -35,11 +37,16 @@ class PointNav2D(FuncEnv):
     The state and observation are the position (2,), starting at the origin;
     an action is a velocity command, clipped to [-0.1, 0.1] per coordinate;
     the reward is minus the distance from the new position to the goal.
-    Episodes last `horizon` = 100 steps (no early termination).
+    Episodes last at most `horizon` = 100 steps and end (terminated) as soon
+    as |x - goal_x| < goal_tolerance and |y - goal_y| < goal_tolerance, with
+    goal_tolerance = 0.01 as in the authors' env (cbfinn/maml_rl,
+    maml_examples/point_env_randgoal.py). goal_tolerance = 0 never ends an
+    episode early (the point must then hover at the goal until the horizon).
     """
 
-    def __init__(self, horizon: int = 100):
+    def __init__(self, horizon: int = 100, goal_tolerance: float = 0.01):
         self.horizon = int(horizon)
+        self.goal_tolerance = float(goal_tolerance)
         super().__init__()
         bound = 0.1 * self.horizon  # the farthest a point can get in one episode
         self.observation_space = spaces.Box(-bound, bound, (2,), np.float32)
@@ -65,7 +72,8 @@ class PointNav2D(FuncEnv):
         return state
 
     def terminal(self, state, rng, params=None):
-        return jnp.bool_(False)
+        # both coordinates strictly within the tolerance (a box, not a disc, as the authors' env has it)
+        return jnp.all(jnp.abs(state - self._params(params).goal) < self.goal_tolerance)
 
     def reward(self, state, action, next_state, rng, params=None):
         return -jnp.linalg.norm(next_state - self._params(params).goal)

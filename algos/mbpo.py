@@ -315,7 +315,7 @@ def model_phase(args: Args, dims: Dims, term_fn, model: ens.EnsembleState, actor
     cfg = ensemble_config(args, dims)
     with timed("model_train"):
         n = int(real_buf.size)
-        data = jax.tree.map(lambda x: np.asarray(x[:n]), real_buf.data)
+        data = jax.tree.map(lambda x: np.asarray(x)[:n], real_buf.data)  # NumPy: no XLA op per data size
         x = ens.make_inputs(data["obs"], data["action"])  # (N, obs_dim + act_dim)
         y = ens.make_targets(data["obs"], data["reward"], data["next_obs"])  # (N, 1 + obs_dim)
         model, info = ens.train(cfg, model, np.asarray(x), np.asarray(y), rng, max_epochs=args.model_max_epochs)

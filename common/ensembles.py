@@ -122,15 +122,21 @@ class EnsembleState(NamedTuple):
 # ----------------------------------------------------------------------------
 # Data layout
 # ----------------------------------------------------------------------------
+def _xp(*arrays):
+    """NumPy for NumPy inputs (a fit's data: no XLA op compiled for each new data size), else jax.numpy."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
 def make_inputs(obs, action):
     """x = (s, a): (..., obs_dim + act_dim)."""
-    return jnp.concatenate([obs, action], -1)
+    return _xp(obs, action).concatenate([obs, action], -1)
 
 
 def make_targets(obs, reward, next_obs):
     """y = (r, s' - s): (..., 1 + obs_dim). Differences, not states: a step
     changes the state little, so s' - s has a much smaller range to fit."""
-    return jnp.concatenate([jnp.asarray(reward)[..., None], next_obs - obs], -1)
+    xp = _xp(obs, reward, next_obs)
+    return xp.concatenate([xp.asarray(reward)[..., None], next_obs - obs], -1)
 
 
 def split_targets(obs, y):

@@ -23,6 +23,16 @@ Settings (`--setting`):
             1000 gradient steps of 16 tasks x 256): runs unchanged on a GPU (jax[cuda]); on this CPU only
             `--speed` is practical.
 
+`--cheetah` runs cheetah-vel (HalfCheetahVelOyster-v0: oyster's targets U[0, 3], 100 train / 30 held-out
+tasks; collection through gymnasium, the same jitted update) for --seeds, at --setting (oyster: its
+configs/cheetah-vel.json over default.py, 300-unit nets, 2000 gradient steps of 16 tasks x 256 per iteration,
+500 iterations: a GPU run, unchanged with jax[cuda]; cpu: oyster's configuration with 64-unit networks and
+encoder and RL batch 64, i.e. algos/pearl.py's CPU setting with oyster's 2000 gradient steps and KL weight 0.1
+put back), and draws the meta-test return
+(held-out tasks, last of 3 trajectories) against env steps beside the one-seed reproduction's -37.3 at 0.78M
+steps (x35f/meta_rl, ../shared/REFERENCE.md). The curve is read from the run's metrics, so a run stopped by
+--max-minutes still reports what it reached (partial).
+
 `--speed` times, in this process, one jitted training iteration (collection of 5 tasks x 400 steps + 1000
 gradient steps) at oyster's point-robot configuration, CPU seconds and wall seconds (pin it: `taskset -c 0`),
 and one gradient step alone, with its achieved GFLOP/s (counted from the layer sizes) against the XLA fp32
@@ -32,6 +42,8 @@ Run:
     python -m benchmarks.pearl --quick                                    # 1 seed, dense, 6 iterations
     python -m benchmarks.pearl --seeds 1 2 3 --parallel 2 --max-minutes 12 --save   # dense + sparse, 3 seeds
     python -m benchmarks.pearl --speed
+    python -m benchmarks.pearl --cheetah --setting oyster --iterations 500 --save           # GPU
+    python -m benchmarks.pearl --cheetah --setting cpu --seeds 1 --iterations 120 --eval-interval 2 --save
     python -m benchmarks.pearl --replot                                   # redraw pearl.png from pearl.json
 
 Writes pearl.json (pearl_partial.json while running, pearl_speed.json) and pearl.png to benchmarks/out/
@@ -189,6 +201,62 @@ def draw(record: dict, name: str = "pearl") -> None:
 
 
 # ----------------------------------------------------------------------------
+# Cheetah-vel
+# ----------------------------------------------------------------------------
+CHEETAH_REFERENCE = {"return": -37.3, "env_steps": 780_000, "source": "one-seed reproduction, x35f/meta_rl tfevents "
+                                                                     "(automatic entropy tuning)"}
+
+
+def cheetah(a) -> dict:
+    env_id, name = "HalfCheetahVelOyster-v0", f"{a.name}_cheetah_vel_{a.setting}"
+    extra = ["--checkpoint-interval", "100000"]  # the buffers (~100 tasks x 20k rows) only at the end
+    if a.setting == "cpu":
+        extra += ["--num-train-steps", "2000", "--kl-lambda", "0.1"]
+    jobs = {s: (flags(env_id, a) + extra + ["--seed", str(s), "--exp-name", "bench"], {"env_id": env_id, "seed": s})
+            for s in a.seeds}
+    keys = {"eval_return": "eval/return", "first_trajectory_return": "eval/first_trajectory_return",
+            "iteration": "iteration", "wall_seconds": "time", "seconds_per_iteration": "seconds_per_iteration"}
+    record = {"env_id": env_id, "setting": a.setting, "iterations": a.iterations, "seeds": a.seeds,
+              "reference": CHEETAH_REFERENCE, "runs": []}
+    save = lambda done: harness.save_results(name + "_partial", {**record, "runs": list(done.values())})  # noqa: E731
+    done = harness.run_pinned(jobs, "algos.pearl", a.parallel, a.max_minutes, keys, "pearl_cheetah_", save)
+    record["runs"] = [per_iteration(r) for r in done.values()]
+    record["headline"] = []
+    for r in record["runs"]:
+        if not r["eval_return"]:
+            continue
+        i = int(np.argmax(r["eval_return"]))
+        print(f"seed {r['seed']}: last meta-test {r['eval_return'][-1]:.1f} at {r['steps'][-1]} env steps "
+              f"(iteration {r['iteration'][-1]}; best {r['eval_return'][i]:.1f} at {r['steps'][i]}); reference "
+              f"{CHEETAH_REFERENCE['return']} at {CHEETAH_REFERENCE['env_steps']}", flush=True)
+        record["headline"].append({
+            "algorithm": "PEARL", "setting": f"{env_id}, {r['steps'][-1] // 1000}k env steps ({a.setting} setting)"
+                                             f"{'' if r['finished'] else ', partial'}",
+            "metric": "meta-test return, last trajectory, 30 held-out velocities",
+            "ours": f"{r['eval_return'][-1]:.1f}",
+            "reference": f"{CHEETAH_REFERENCE['return']} at 0.78M steps (reproduction)", "seeds": 1,
+            "wall_seconds": round(float(r["wall_seconds"][-1]))})
+    harness.save_results(name, record)
+    draw_cheetah(record, name)
+    return record
+
+
+def draw_cheetah(record: dict, name: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in record["runs"]:
+        ax.plot(r["steps"], r["eval_return"], color="C0", label=f"PEARL seed {r['seed']}, last trajectory"
+                f"{'' if r['finished'] else ' (partial)'}")
+        ax.plot(r["steps"], r["first_trajectory_return"], color="C1", ls=":", label="first trajectory (prior z)")
+    ref = record["reference"]
+    ax.plot([ref["env_steps"]], [ref["return"]], "k*", ms=10, label=f"reproduction {ref['return']} at 0.78M")
+    ax.set_title(f"{record['env_id']} ({record['setting']} setting)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("meta-test return (held-out velocities)")
+    ax.legend(fontsize=7)
+    harness.save_figure(fig, name)
+
+
+# ----------------------------------------------------------------------------
 # Speed at oyster's point-robot configuration
 # ----------------------------------------------------------------------------
 def speed(a) -> dict:
@@ -249,6 +317,7 @@ def main(argv=None):
     p.add_argument("--eval-interval", type=int, default=1, help="meta-test every this many iterations")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time, each pinned to its own core")
     p.add_argument("--max-minutes", type=float, default=None, help="stop a run after this long (keeps its curve)")
+    p.add_argument("--cheetah", action="store_true", help="run cheetah-vel instead (see the docstring)")
     p.add_argument("--speed", action="store_true", help="time one training iteration instead (see the docstring)")
     p.add_argument("--reps", type=int, default=1, help="--speed: timed iterations after the warm-up one")
     p.add_argument("--speed-train-steps", type=int, default=0, help="--speed: gradient steps (0: oyster's 1000)")
@@ -257,6 +326,8 @@ def main(argv=None):
     a = harness.parse(p, argv)
     if a.replot:
         return draw(harness.load_results(a.name), a.name)
+    if a.cheetah:
+        return cheetah(a)
     if a.speed:
         return speed(a)
     baselines = {env_id: baseline_returns(env_id) for env_id in a.envs}

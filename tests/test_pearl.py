@@ -154,7 +154,8 @@ def test_encoder_buffers_are_cleared_on_recollection_and_batches_come_from_the_r
     phases = ((trajectories(args.num_steps_prior, dims), False, True),
               (trajectories(args.num_steps_posterior, dims), True, True),
               (trajectories(args.num_extra_rl_steps, dims), True, False))
-    after = collect_into(state, env, train, ids, phases, True, args, dims)
+    jit = lambda f, *static: jax.jit(f, static_argnames=("env", "phases", "args", "dims", *static))  # noqa: E731
+    after = jit(collect_into, "clear_encoder")(state, env, train, ids, phases, True, args, dims)
     enc_steps = (trajectories(args.num_steps_prior, dims) + trajectories(args.num_steps_posterior, dims)) * H
     all_steps = enc_steps + trajectories(args.num_extra_rl_steps, dims) * H
     expected_enc = np.full(args.n_train_tasks, init)
@@ -171,7 +172,7 @@ def test_encoder_buffers_are_cleared_on_recollection_and_batches_come_from_the_r
     np.testing.assert_allclose(d["reward"][4, :init + all_steps], r, atol=1e-5)
 
     # oyster draws the collected tasks with replacement: a task drawn twice is cleared twice, collected twice
-    twice = pearl.collect_one_by_one(state, env, train, jnp.array([2, 2]), phases, args, dims)
+    twice = jit(pearl.collect_one_by_one)(state, env, train, jnp.array([2, 2]), phases, args, dims)
     assert int(twice.enc.size[2]) == enc_steps and int(twice.rl.size[2]) == init + 2 * all_steps
 
     # mark every row with its task and buffer; batches must draw from the task's own buffers, filled part only
@@ -355,7 +356,6 @@ def test_mujoco_meta_test_reinfers_the_posterior_after_each_trajectory(monkeypat
     assert returns[0].mean() > returns[1].mean()  # v* = 0.5 is closer to a still cheetah than 2.5
 
 
-@pytest.mark.slow
 def test_cli_smoke_half_cheetah_vel(tmp_path):
     res = run_algo("pearl", "--env-id", "HalfCheetahVelOyster-v0", *TINY_FLAGS, "--num-iterations", "2",
                    cwd=tmp_path)

@@ -23,7 +23,10 @@ What this file implements: the GRU actor and critic, trial rollouts on pure-
 JAX task families (common/jax_envs/: BernoulliBandit* and RandomMDP in
 bandits_mdps.py, PointNav2D in navigation.py), GAE over the whole trial, and
 PPO (clipped objective, minibatches of whole trials, back-propagation through
-the whole trial). Everything, sampling included, is jitted: one call per
+the whole trial), with the value targets, trial-start inputs and (as an
+option, the benchmark's "duan" recipes) the KL control of Duan et al.'s own
+code (rllab-curriculum, sandbox/rocky/neural_learner; docs/rl2.md gives each
+detail's source). Everything, sampling included, is jitted: one call per
 evaluation period (`run_period`: `lax.scan` over its PPO iterations, `vmap`
 over the meta-batch of tasks, `lax.map` over seeds), with a checkpoint
 between periods. Left out:
@@ -44,18 +47,24 @@ Algorithm (numbers mark the code below):
       [1] sample a meta-batch of B tasks M_i ~ p(M)
       [2] for each task, run one trial of n episodes (T = n * H steps):
             h_0 = 0 (reset between trials, never inside one)
-            x_t = (obs_t, a_{t-1}, r_{t-1}, d_{t-1})      (zeros at t = 0)
+            x_t = (obs_t, a_{t-1}, r_{t-1}, d_{t-1})      (no action, r = 0, d = 1 at t = 0)
             h_{t+1}, pi(.|h), V(h) = GRU(h_t, x_t);  a_t ~ pi
             step the env; at the end of an episode reset the env but NOT h
       [3] GAE over the whole trial: an episode boundary is not a terminal
           for the meta-learner (its return runs to the end of the trial)
+            V_t = m + s v_t  (the value head v predicts normalised returns)
             delta_t = r_t + gamma V_{t+1} - V_t,  V_T = 0
-            A_t = sum_l (gamma lambda)^l delta_{t+l},  R_t = A_t + V_t
+            A_t = sum_l (gamma lambda)^l delta_{t+l}, normalised over the batch
+          value targets (Duan): G_t = sum_l gamma^l r_{t+l} to the trial's end;
+            the running moments (m, s) move 90% towards the batch's, y = (G - m) / s
       [4] for K epochs (--update-epochs), for minibatches of whole trials:
             re-run the GRU over each trial from h_0 = 0 (backprop through time),
             L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A)
-                + c_v (V - R)^2 - c_H entropy,  rho = pi_new / pi_old;  Adam step
+                + c_v (v - y)^2 - c_H entropy,  rho = pi_new / pi_old;  Adam step
             (--anneal: the step size and c_H decay linearly to 0 over training)
+          with --target-kl (Duan's PPO): keep the epoch with the lowest surrogate
+            among those within the mean-KL bound, then halve the policy's step
+            while the batch's KL(pi_old || pi) is above it
       [5] every eval_interval env steps: mean total reward per trial on new tasks
 """
 
@@ -64,7 +73,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -116,10 +125,29 @@ class Args(CommonArgs):
     """value loss coefficient"""
     max_grad_norm: float = 1.0
     """gradient-norm clip, applied to the policy and to the value network separately"""
+    grad_clip_value: float = 0.0
+    """if > 0, clip each gradient element to [-c, c] instead of the norm clip (Duan et al.'s TBPTTOptimizer: 40)"""
     update_epochs: int = 4
     """PPO epochs over each batch of trials"""
     num_minibatches: int = 4
     """minibatches of whole trials per epoch"""
+    value_target: Literal["mc", "gae"] = "mc"
+    """what the value network regresses on: "mc", Duan et al.'s Monte-Carlo discounted returns of the trial,
+    normalised by a running mean and std (their l2_rnn_baseline); "gae", the GAE(lambda) returns on the raw
+    reward scale (this file before issue #22)"""
+    return_norm_rate: float = 0.9
+    """weight of each new batch in the running mean and std of the returns (Duan: moments_update_rate 0.9)"""
+    adv_norm: Literal["batch", "minibatch"] = "batch"
+    """normalise the advantages over the whole batch of trials (Duan's sample processor) or per minibatch"""
+    target_kl: float = 0.0
+    """Duan's KL control if > 0 (his step size 0.01): after the epochs keep the policy of the epoch with the lowest
+    surrogate loss among those whose mean KL(pi_old || pi) is at most target_kl, then halve the step back towards
+    the old policy (up to --backtracks times) while the batch's mean KL exceeds it; 0: off"""
+    backtracks: int = 10
+    """most halvings of the policy's step with --target-kl (Duan: max_backtracks 10)"""
+    start_done: bool = True
+    """the first input of a trial has done = 1, as if an episode had just ended (Duan's MultiEnv.reset); False:
+    done = 0 there (this file before issue #22)"""
     anneal: bool = False
     """decay the learning rate and the entropy coefficient linearly to 0 over training"""
     time_input: bool = False
@@ -226,6 +254,11 @@ class Categorical(NamedTuple):
     def mode(self):
         return jnp.argmax(self.logits, -1)
 
+    def kl(self, other):
+        """KL(self || other), exact: sum_a p(a) (log p(a) - log q(a))."""
+        logp, logq = jax.nn.log_softmax(self.logits), jax.nn.log_softmax(other.logits)
+        return (jnp.exp(logp) * (logp - logq)).sum(-1)
+
 
 class DiagGaussian(NamedTuple):
     """The policy over continuous actions: mean and log std (..., action_dim)."""
@@ -246,6 +279,11 @@ class DiagGaussian(NamedTuple):
     def mode(self):
         return self.mean
 
+    def kl(self, other):
+        """KL(self || other) of two diagonal Gaussians, closed form."""
+        var, var_o = jnp.exp(2 * self.log_std), jnp.exp(2 * other.log_std)
+        return (other.log_std - self.log_std + (var + (self.mean - other.mean) ** 2) / (2 * var_o) - 0.5).sum(-1)
+
 
 class Trajectory(NamedTuple):
     """One trial (leading axes (T,), or (B, T) for a meta-batch)."""
@@ -253,7 +291,8 @@ class Trajectory(NamedTuple):
     x: jax.Array  # (T, input_dim) the GRU inputs, so the loss can re-run it
     action: jax.Array  # (T,) int32 or (T, action_dim)
     logp: jax.Array  # (T,) log pi_old(a_t | h_t)
-    value: jax.Array  # (T,) V_old(h_t)
+    dist: jax.Array  # (T, out) pi_old's head output (logits, or mean and log std), for the exact KL
+    value: jax.Array  # (T,) the value head's output (in units of the return normaliser with --value-target mc)
     reward: jax.Array  # (T,)
     done: jax.Array  # (T,) bool, an episode ended at this step (not the trial)
 
@@ -262,6 +301,7 @@ class Carry(NamedTuple):
     """One seed's training state (and what the checkpoint holds per seed)."""
 
     train_state: TrainState  # params, both optimisers' states, the Adam step count (the schedules')
+    ret_stats: jax.Array  # (2,) running mean and std of the returns (stay (0, 1) with --value-target gae)
     key: jax.Array
 
 
@@ -312,28 +352,31 @@ def rollout_trial(params, env, task, key, args: Args, dims: Dims, greedy: bool =
     k_init, key = jax.random.split(key)
     state = env.initial(k_init, task)
 
-    def step(carry, t):
-        state, obs, h, prev_a, prev_r, prev_d, key = carry
+    def step(carry, _):
+        state, obs, h, prev_a, prev_r, prev_d, t_ep, key = carry
         key, k_act, k_env, k_reset = jax.random.split(key, 4)
-        x = encode_input(obs, prev_a, prev_r, prev_d, args, dims, t % dims.horizon)
+        x = encode_input(obs, prev_a, prev_r, prev_d, args, dims, t_ep)
         h_next, out, value = net.apply(params, h, x)
         pi = distribution(out, dims)
         a = pi.mode() if greedy else pi.sample(k_act)
         next_state = env.transition(state, a, k_env, task)
         r = env.reward(state, a, next_state, k_env, task).astype(jnp.float32)
-        # An episode ends on a terminal state or after H steps (time limit).
-        done = env.terminal(next_state, k_env, task) | ((t + 1) % dims.horizon == 0)
+        # An episode ends on a terminal state or after H steps of its own (time limit); an env that ends
+        # episodes early (PointNav2D at its goal) just starts more of them within the T steps of the trial.
+        done = env.terminal(next_state, k_env, task) | (t_ep + 1 == dims.horizon)
         reset = env.initial(k_reset, task)
         next_state = jax.tree.map(lambda a_, b_: jnp.where(done, a_, b_), reset, next_state)
         next_obs = env.observation(next_state, k_env, task)
-        traj = Trajectory(x, a, pi.log_prob(a), value, r, done)
-        next_carry = (next_state, next_obs, h_next, encode_action(a, dims), r, done.astype(jnp.float32), key)
+        traj = Trajectory(x, a, pi.log_prob(a), out, value, r, done)
+        next_carry = (next_state, next_obs, h_next, encode_action(a, dims), r, done.astype(jnp.float32),
+                      jnp.where(done, 0, t_ep + 1), key)
         return next_carry, (traj, h)
 
     h0 = jnp.zeros(2 * args.hidden_size)  # reset between trials
     no_action = jnp.zeros(dims.action_dim)  # no previous action at t = 0: zeros, not a one-hot
+    # d_{-1} = 1: the trial opens like a new episode (Duan's MultiEnv.reset sets last_terminal = 1)
     init = (state, env.observation(state, k_init, task), h0, no_action, jnp.float32(0.0),
-            jnp.float32(0.0), key)
+            jnp.float32(args.start_done), jnp.int32(0), key)
     _, (traj, hidden) = jax.lax.scan(step, init, jnp.arange(trial_len(args, dims)))
     return (traj, hidden) if record_hidden else traj
 
@@ -369,25 +412,51 @@ def unroll(params, x, args: Args, dims: Dims):
     return jnp.swapaxes(out, 0, 1), jnp.swapaxes(values, 0, 1)
 
 
-def ppo_loss(params, batch: Trajectory, adv, returns, args: Args, dims: Dims, ent_coef=None):
+def discounted_returns(rewards, gamma: float):
+    """[3] Monte-Carlo discounted returns of one whole trial: G_t = sum_l gamma^l r_{t+l} (T,) -> (T,)."""
+    def backward(g, r):
+        g = r + gamma * g
+        return g, g
+
+    return jax.lax.scan(backward, jnp.float32(0.0), rewards, reverse=True)[1]
+
+
+def update_return_stats(stats, returns, rate: float):
+    """[3] Duan's running moments of the returns (l2_rnn_baseline.f_update_stats): mean and std move a fraction
+    `rate` of the way to the batch's, the batch's spread measured about the *old* running mean. stats (2,)."""
+    mean, std = stats
+    batch_mean = returns.mean()
+    batch_std = jnp.sqrt(((returns - mean) ** 2).mean())
+    return jnp.stack([(1 - rate) * mean + rate * batch_mean, (1 - rate) * std + rate * batch_std])
+
+
+def normalise(x):
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+def ppo_loss(params, batch: Trajectory, adv, targets, args: Args, dims: Dims, ent_coef=None):
     """[4] PPO clipped surrogate + value regression - entropy bonus, on whole trials.
 
-    The gradient flows through the GRU over all T steps of each trial
-    (backprop through time), so the policy learns what to remember."""
+    `targets` are what the value head regresses on (normalised returns with
+    --value-target mc). The gradient flows through the GRU over all T steps
+    of each trial (backprop through time), so the policy learns what to
+    remember."""
     out, values = unroll(params, batch.x, args, dims)
     pi = distribution(out, dims)
     logp = pi.log_prob(batch.action)
     log_ratio = logp - batch.logp
     ratio = jnp.exp(log_ratio)
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # per-minibatch normalisation
+    if args.adv_norm == "minibatch":
+        adv = normalise(adv)
     pg_loss = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef) * adv).mean()
-    v_loss = 0.5 * ((values - returns) ** 2).mean()
+    v_loss = 0.5 * ((values - targets) ** 2).mean()
     ent = pi.entropy().mean()
     ent_coef = args.ent_coef if ent_coef is None else ent_coef
     loss = pg_loss + args.vf_coef * v_loss - ent_coef * ent
     approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance KL estimator
+    kl = distribution(batch.dist, dims).kl(pi).mean()  # exact mean KL(pi_old || pi), Duan's MeanKL
     return loss, {"loss/policy": pg_loss, "loss/value": v_loss, "loss/entropy": ent,
-                  "loss/approx_kl": approx_kl}
+                  "loss/approx_kl": approx_kl, "loss/kl": kl, "loss/surrogate": -(ratio * adv).mean()}
 
 
 def ent_coef_at(step, args: Args, dims: Dims):
@@ -398,9 +467,49 @@ def ent_coef_at(step, args: Args, dims: Dims):
     return args.ent_coef * (1.0 - step / total_grad_steps(args, dims)) if args.anneal else args.ent_coef
 
 
+def is_value_param(name: str) -> bool:
+    """The value network's top-level params ("value_gru", "value"); the rest is the policy's."""
+    return name.startswith("value")
+
+
+def mix_policy(new, old, frac):
+    """The policy's params a fraction `frac` of the way from `old` to `new`; the value network's from `new`."""
+    return {"params": {name: sub if is_value_param(name) else jax.tree.map(
+        lambda n, o: o + frac * (n - o), sub, old["params"][name]) for name, sub in new["params"].items()}}
+
+
+def batch_kl(params, traj: Trajectory, args: Args, dims: Dims):
+    """Mean KL(pi_old || pi_params) over a whole batch of trials (its stored inputs and old head outputs)."""
+    out, _ = unroll(params, traj.x, args, dims)
+    return distribution(traj.dist, dims).kl(distribution(out, dims)).mean()
+
+
+def kl_control(ts: TrainState, old_params, best, traj: Trajectory, args: Args, dims: Dims):
+    """[4] Duan's KL control (pposgd_clip_ratio.optimize_policy, use_line_search): the policy of the best
+    epoch within the KL bound (if any), then back-tracking by halves towards the old policy while the batch's
+    mean KL is above --target-kl. The value network keeps its last epoch; Adam's moments are not rewound
+    (as in Duan's code). Returns the train state, the final KL and the fraction of the step kept."""
+    best_params, best_loss = best
+    found = jnp.isfinite(best_loss)  # some epoch kept the KL within the bound
+    params = {"params": {name: sub if is_value_param(name) else jax.tree.map(
+        lambda b, last: jnp.where(found, b, last), best_params["params"][name], sub)
+        for name, sub in ts.params["params"].items()}}
+
+    def too_far(c):
+        frac, kl, n = c
+        return (kl > args.target_kl) & (n < args.backtracks)
+
+    def halve(c):
+        frac, _, n = c
+        return frac / 2, batch_kl(mix_policy(params, old_params, frac / 2), traj, args, dims), n + 1
+
+    frac, kl, _ = jax.lax.while_loop(too_far, halve, (jnp.float32(1.0), batch_kl(params, traj, args, dims), 0))
+    return ts.replace(params=mix_policy(params, old_params, frac)), kl, frac
+
+
 def ppo_iteration(carry: Carry, env, args: Args, dims: Dims):
     """[1]-[4] One PPO iteration on a fresh meta-batch of tasks."""
-    ts, key = carry
+    ts, ret_stats, key = carry
     key, k_task, k_roll, k_perm = jax.random.split(key, 4)
     B, M = args.meta_batch, args.meta_batch // args.num_minibatches
     # [1] a meta-batch of tasks, one trial each
@@ -408,29 +517,51 @@ def ppo_iteration(carry: Carry, env, args: Args, dims: Dims):
     # [2] trials, vmapped over tasks: every leaf (B, T, ...)
     traj = jax.vmap(lambda task, k: rollout_trial(ts.params, env, task, k, args, dims))(
         tasks, jax.random.split(k_roll, B))
-    # [3] GAE over each whole trial
-    adv, returns = jax.vmap(lambda r, v: gae(r, v, args.gamma, args.gae_lambda))(traj.reward, traj.value)
+    # [3] GAE over each whole trial, with the value in reward units (the head predicts normalised returns)
+    values = traj.value * ret_stats[1] + ret_stats[0]
+    adv, gae_returns = jax.vmap(lambda r, v: gae(r, v, args.gamma, args.gae_lambda))(traj.reward, values)
+    if args.value_target == "mc":
+        # Duan: the value regresses on the discounted Monte-Carlo returns, normalised by running moments
+        # updated with this batch before the fit (the advantages above used the old ones)
+        returns = jax.vmap(lambda r: discounted_returns(r, args.gamma))(traj.reward)
+        ret_stats = update_return_stats(ret_stats, returns, args.return_norm_rate)
+        targets = (returns - ret_stats[0]) / ret_stats[1]
+    else:
+        targets = gae_returns
+    if args.adv_norm == "batch":
+        adv = normalise(adv)  # over all B x T steps (Duan's center_adv)
 
     # [4] epochs of minibatches of whole trials (never cut a trial: the GRU needs its start)
-    def epoch(ts, k):
+    def epoch(c, k):
+        ts, best = c
         perm = jax.random.permutation(k, B).reshape(args.num_minibatches, M)
 
         def minibatch(ts, idx):
             grads, info = jax.grad(ppo_loss, has_aux=True)(
-                ts.params, jax.tree.map(lambda x: x[idx], traj), adv[idx], returns[idx], args, dims,
+                ts.params, jax.tree.map(lambda x: x[idx], traj), adv[idx], targets[idx], args, dims,
                 ent_coef_at(ts.step, args, dims))
             return ts.apply_gradients(grads=grads), info
 
-        return jax.lax.scan(minibatch, ts, perm)
+        ts, info = jax.lax.scan(minibatch, ts, perm)
+        # Duan's epoch diagnostics: the means over its minibatches (each measured before its step)
+        surr, kl = info["loss/surrogate"].mean(), info["loss/kl"].mean()
+        better = (kl <= args.target_kl) & (surr < best[1])
+        best = jax.tree.map(lambda n, o: jnp.where(better, n, o), (ts.params, surr), best)
+        return (ts, best), info
 
-    ts, info = jax.lax.scan(epoch, ts, jax.random.split(k_perm, args.update_epochs))
+    best0 = (ts.params, jnp.float32(jnp.inf))
+    old_params = ts.params
+    (ts, best), info = jax.lax.scan(epoch, (ts, best0), jax.random.split(k_perm, args.update_epochs))
     metrics = {k: v.mean() for k, v in info.items()}
+    if args.target_kl > 0:
+        ts, metrics["kl/final"], metrics["kl/step_kept"] = kl_control(ts, old_params, best, traj, args, dims)
     metrics["train/trial_reward"] = traj.reward.sum(1).mean()
-    return Carry(ts, key), metrics
+    return Carry(ts, ret_stats, key), metrics
 
 
 def evaluate(params, env, key, args: Args, dims: Dims):
-    """[5] Trials on new tasks: total reward of each episode of each trial (eval_episodes, n)."""
+    """[5] Trials on new tasks: total reward of each episode of each trial (eval_episodes, n); for an env
+    whose episodes may end early, of each block of H steps."""
     trials = args.eval_episodes
     k_task, k_roll = jax.random.split(key)
     tasks = env.sample_tasks(k_task, trials)
@@ -449,13 +580,16 @@ def init_carry(key, args: Args, dims: Dims) -> Carry:
           else args.learning_rate)
 
     def adam():
-        return optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(lr, eps=1e-5))
+        clip = (optax.clip(args.grad_clip_value) if args.grad_clip_value > 0
+                else optax.clip_by_global_norm(args.max_grad_norm))
+        return optax.chain(clip, optax.adam(lr, eps=1e-5))
 
     def label(p):
-        return {"params": {name: "value" if name.startswith("value") else "policy" for name in p["params"]}}
+        return {"params": {name: "value" if is_value_param(name) else "policy" for name in p["params"]}}
 
     tx = optax.multi_transform({"policy": adam(), "value": adam()}, label)
-    return Carry(TrainState.create(apply_fn=None, params=params, tx=tx), key)
+    # The return normaliser starts at mean 0, std 1 (Duan's return_mean / return_std variables)
+    return Carry(TrainState.create(apply_fn=None, params=params, tx=tx), jnp.array([0.0, 1.0]), key)
 
 
 # ----------------------------------------------------------------------------
@@ -490,7 +624,7 @@ def run_period(carry: Carry, env, args: Args, dims: Dims):
     def one(carry):  # one seed
         carry, record = jax.lax.scan(iteration, carry, None, length=updates_per_eval(args, dims))
         k_eval, key = jax.random.split(carry.key)
-        return Carry(carry.train_state, key), record, evaluate(carry.train_state.params, env, k_eval, args, dims)
+        return carry._replace(key=key), record, evaluate(carry.train_state.params, env, k_eval, args, dims)
 
     # Seeds one after another inside the program (lax.map). jax.vmap would
     # batch them, which only pays on an accelerator, and on XLA:CPU (jax
@@ -518,8 +652,9 @@ def validate(args: Args) -> None:
     """One-line errors for settings that cannot work (before anything heavy)."""
     check_ranges(args, at_least_1=("episodes_per_trial", "meta_batch", "hidden_size", "update_epochs",
                                    "num_minibatches", "num_seeds"),
-                 positive=("learning_rate", "clip_coef", "max_grad_norm"), non_negative=("ent_coef", "vf_coef"),
-                 discount=("gamma",), probability=("gae_lambda",))
+                 positive=("learning_rate", "clip_coef", "max_grad_norm"),
+                 non_negative=("ent_coef", "vf_coef", "grad_clip_value", "target_kl", "backtracks"),
+                 discount=("gamma",), probability=("gae_lambda",), open_unit=("return_norm_rate",))
     if args.meta_batch % args.num_minibatches:
         fail(f"--meta-batch ({args.meta_batch}) must be a multiple of --num-minibatches "
              f"({args.num_minibatches}): minibatches hold whole trials")
@@ -567,7 +702,7 @@ def main(args: Args) -> dict:
     # first before any training) and the per-iteration metrics.
     evals = np.zeros((E + 1, *eval0.shape), np.float32)
     evals[0] = eval0
-    metric_names = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "train/trial_reward")
+    metric_names = ("loss/policy", "loss/value", "loss/entropy", "loss/approx_kl", "loss/kl", "train/trial_reward")
     state = run.restore({"carry": carry, "evals": evals,
                          "metrics": {k: np.zeros((E * U, args.num_seeds), np.float32) for k in metric_names}})
     for i in range(run.start_step // (U * step_size), E):

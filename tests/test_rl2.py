@@ -14,6 +14,7 @@ from algos import rl2
 from algos.rl2 import (
     Args,
     dims_of,
+    discounted_returns,
     ent_coef_at,
     gae,
     init_carry,
@@ -24,6 +25,7 @@ from algos.rl2 import (
     total_grad_steps,
     trial_len,
     unroll,
+    update_return_stats,
 )
 from benchmarks.rl2 import bandit_trial, mdp_trial, plan_finite_horizon, posterior_model, thompson_choice, ucb1_choice
 from common.checkpoints import load_checkpoint
@@ -59,10 +61,11 @@ def test_hidden_state_persists_across_episodes_and_resets_between_trials():
         h_expected = net.apply(params, hidden[t - 1], traj.x[t - 1])[0]
         np.testing.assert_allclose(hidden[t], h_expected, atol=1e-5)
     assert np.abs(hidden[H]).max() > 1e-3  # first step of episode 2: a non-zero memory
-    # The done flag of the input says "new episode" exactly at those steps.
+    # The done flag of the input says "new episode" exactly at those steps, and at
+    # the trial's first step (Duan's MultiEnv.reset: last_terminal = 1).
     done_in = np.asarray(traj.x[:, -1])
     expected = np.zeros(T)
-    expected[H::H] = 1.0
+    expected[::H] = 1.0
     np.testing.assert_array_equal(done_in, expected)
     np.testing.assert_array_equal(np.asarray(traj.done), (np.arange(T) + 1) % H == 0)
     # The previous reward and action inputs are those of the step before.
@@ -101,8 +104,21 @@ def test_time_input_is_the_step_within_the_episode():
     T = trial_len(args, dims)
     expected = (np.arange(T) % dims.horizon) / dims.horizon
     np.testing.assert_allclose(np.asarray(traj.x[:, -1]), expected, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(traj.x[:, -2]), (np.arange(T) % dims.horizon == 0)
-                                  & (np.arange(T) > 0))  # the done flag moved one left
+    np.testing.assert_array_equal(np.asarray(traj.x[:, -2]), np.arange(T) % dims.horizon == 0)  # done moved left
+
+
+def test_trial_start_input_is_the_default_action_with_done_1():
+    """x_0 = (o_0, no action (zeros), reward 0, done 1) by default (Duan); --no-start-done gives done 0."""
+    env = RandomMDP()
+    task = jax.tree.map(lambda x: x[0], env.sample_tasks(jax.random.PRNGKey(1), 1))
+    for start_done in (True, False):
+        args, dims = tiny_config(env, start_done=start_done)
+        params = init_carry(jax.random.PRNGKey(0), args, dims).train_state.params
+        x0 = np.asarray(rollout_trial(params, env, task, jax.random.PRNGKey(2), args, dims).x[0])
+        expected = np.zeros(input_dim(args, dims))
+        expected[0] = 1.0  # the one-hot of state 0, where every episode starts
+        expected[-1] = float(start_done)
+        np.testing.assert_array_equal(x0, expected)
 
 
 def test_anneal_decays_step_size_and_entropy_bonus_to_zero():
@@ -148,6 +164,91 @@ def test_gae_over_trial_equals_plain_loop_and_ignores_episode_boundaries():
 
 
 # ----------------------------------------------------------------------------
+# Value targets as Duan: normalised Monte-Carlo returns
+# ----------------------------------------------------------------------------
+def test_discounted_returns_and_the_running_return_moments():
+    rewards = jnp.array([1.0, 0.0, 2.0, -1.0])
+    g = np.asarray(discounted_returns(rewards, 0.5))
+    # G_3 = -1, G_2 = 2 - 0.5, G_1 = 0 + 0.5 * 1.5, G_0 = 1 + 0.5 * 0.75 (no cut at episode ends)
+    np.testing.assert_allclose(g, [1.375, 0.75, 1.5, -1.0], atol=1e-6)
+    # l2_rnn_baseline's moments: 0.1 old + 0.9 batch; the batch's spread about the OLD mean
+    stats = update_return_stats(jnp.array([0.0, 1.0]), jnp.array([1.0, 3.0]), 0.9)
+    np.testing.assert_allclose(stats, [0.9 * 2.0, 0.1 + 0.9 * np.sqrt(5.0)], rtol=1e-6)
+    stats = update_return_stats(jnp.array([2.0, 1.0]), jnp.array([1.0, 3.0]), 0.5)
+    np.testing.assert_allclose(stats, [2.0, 0.5 + 0.5 * 1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("value_target", ["mc", "gae"])
+def test_value_regresses_on_normalised_monte_carlo_returns(value_target):
+    """One PPO iteration: with "mc" the return moments move to the batch's discounted returns (recomputed
+    here from the same keys) and the value loss is on the normalised scale; with "gae" the moments stay
+    (0, 1) and the targets are raw returns of tens (lambda = 1: GAE's returns are the Monte-Carlo ones)."""
+    env = RandomMDP()
+    args, dims = tiny_config(env, value_target=value_target, update_epochs=1, gae_lambda=1.0)
+    carry = init_carry(jax.random.PRNGKey(0), args, dims)
+    new, metrics = jax.jit(lambda c: rl2.ppo_iteration(c, env, args, dims))(carry)
+    _, k_task, k_roll, _ = jax.random.split(carry.key, 4)
+    tasks = env.sample_tasks(k_task, args.meta_batch)
+    traj = jax.vmap(lambda t, k: rollout_trial(carry.train_state.params, env, t, k, args, dims))(
+        tasks, jax.random.split(k_roll, args.meta_batch))
+    returns = np.asarray(jax.vmap(lambda r: discounted_returns(r, args.gamma))(traj.reward))
+    assert returns.mean() > 10  # RandomMDP pays about 1 per step
+    if value_target == "mc":
+        expected = [0.9 * returns.mean(), 0.1 + 0.9 * np.sqrt((returns ** 2).mean())]
+        np.testing.assert_allclose(new.ret_stats, expected, rtol=1e-4)
+        assert float(metrics["loss/value"]) < 2.0
+    else:
+        np.testing.assert_array_equal(new.ret_stats, [0.0, 1.0])
+        assert float(metrics["loss/value"]) > 20.0
+
+
+# ----------------------------------------------------------------------------
+# Duan's KL control: exact KL, best epoch within the bound, back-tracking
+# ----------------------------------------------------------------------------
+def test_exact_kl_of_both_policy_kinds():
+    p, q = jnp.array([0.0, 1.0, 2.0]), jnp.array([1.0, 0.0, 0.0])
+    pp, qq = np.exp(p) / np.exp(p).sum(), np.exp(q) / np.exp(q).sum()
+    assert float(rl2.Categorical(p).kl(rl2.Categorical(q))) == pytest.approx(float((pp * np.log(pp / qq)).sum()),
+                                                                             rel=1e-5)
+    # KL(N(0, 1) || N(1, 2^2)) = log 2 + (1 + 1) / 8 - 1/2
+    kl = rl2.DiagGaussian(jnp.zeros(1), jnp.zeros(1)).kl(rl2.DiagGaussian(jnp.ones(1), jnp.log(2.0) * jnp.ones(1)))
+    assert float(kl) == pytest.approx(np.log(2) + 0.25 - 0.5, rel=1e-5)
+
+
+def test_kl_control_keeps_the_best_epoch_and_backs_off_to_the_bound():
+    env = RandomMDP()
+    args, dims = tiny_config(env, target_kl=0.01)
+    ts = init_carry(jax.random.PRNGKey(0), args, dims).train_state
+    old = ts.params
+    tasks = env.sample_tasks(jax.random.PRNGKey(1), 4)
+    traj = jax.vmap(lambda t, k: rollout_trial(old, env, t, k, args, dims))(tasks, jax.random.split(
+        jax.random.PRNGKey(2), 4))
+    leaves, tree = jax.tree.flatten(old)
+    noise = jax.tree.unflatten(tree, [jax.random.normal(jax.random.PRNGKey(i), x.shape) for i, x in
+                                      enumerate(leaves)])
+    far = jax.tree.map(lambda o, e: o + 0.5 * e, old, noise)  # policy and value moved a lot
+    assert float(rl2.batch_kl(far, traj, args, dims)) > 0.05
+    ts_far = ts.replace(params=far)
+    # No epoch within the bound: start from the last epoch, halve until the KL is at most 0.01
+    ts_new, kl, frac = rl2.kl_control(ts_far, old, (old, jnp.float32(jnp.inf)), traj, args, dims)
+    n = round(-np.log2(float(frac)))
+    assert n >= 1 and float(frac) == pytest.approx(0.5 ** n)
+    assert float(kl) <= 0.01 < float(rl2.batch_kl(rl2.mix_policy(far, old, 2 * float(frac)), traj, args, dims))
+    assert float(kl) == pytest.approx(float(rl2.batch_kl(ts_new.params, traj, args, dims)), rel=1e-4)
+    for name, sub in ts_new.params["params"].items():  # the value network keeps its last epoch
+        moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), sub, far["params"][name])
+        assert (max(jax.tree.leaves(moved)) == 0.0) == rl2.is_value_param(name), name
+    # An epoch within the bound: its policy is taken as it is (no back-off), the value network's last
+    near = jax.tree.map(lambda o, e: o + 1e-3 * e, old, noise)
+    ts_new, kl, frac = rl2.kl_control(ts_far, old, (near, jnp.float32(-1.0)), traj, args, dims)
+    assert float(frac) == 1.0 and float(kl) <= 0.01
+    np.testing.assert_allclose(ts_new.params["params"]["policy"]["kernel"], near["params"]["policy"]["kernel"],
+                               atol=1e-6)
+    assert np.abs(np.asarray(near["params"]["policy"]["kernel"] - far["params"]["policy"]["kernel"])).min() > 1e-4
+    np.testing.assert_array_equal(ts_new.params["params"]["value"]["kernel"], far["params"]["value"]["kernel"])
+
+
+# ----------------------------------------------------------------------------
 # Baselines on cases with known answers
 # ----------------------------------------------------------------------------
 def test_ucb1_choice_after_hand_made_history():
@@ -158,6 +259,46 @@ def test_ucb1_choice_after_hand_made_history():
     assert int(ucb1_choice(key, counts, succ, c=0.1)) == 0  # a small c exploits
     # an untried arm is pulled before any tried one
     assert int(ucb1_choice(key, jnp.array([3.0, 0.0, 2.0]), jnp.array([3.0, 0.0, 2.0]))) == 1
+
+
+def test_ucb1_starts_from_one_success_and_one_failure_per_arm():
+    """Duan's UCB1 (Sec. 3.1): pseudo-counts N = 2, s = 1 per arm, so there is no first round of pulling every
+    arm once; with a sure arm among them, it is found and exploited within a 10-pull trial."""
+    means = jnp.array([0.0, 0.0, 1.0, 0.0, 0.0])
+    keys = jax.random.split(jax.random.PRNGKey(0), 500)
+    plain = jax.vmap(lambda k: bandit_trial(lambda kk, c, s: ucb1_choice(kk, c, s, 0.2), means, 10, k))(keys)
+    prior = jax.vmap(lambda k: bandit_trial(lambda kk, c, s: ucb1_choice(kk, c, s, 0.2), means, 10, k,
+                                            1.0, 1.0))(keys)
+    # plain UCB1 pulls the four empty arms once each first: exactly 6 of 10 rewards
+    np.testing.assert_array_equal(np.asarray(plain), 6.0)
+    # with the prior all indices tie at the first pull (random arm), and an arm that failed falls below the
+    # untried ones, so the sure arm is found sooner: more than 6 on average, at most 10
+    assert float(prior.mean()) > 7.0 and float(prior.max()) <= 10.0
+    # the pseudo-counts really start the statistics: a first pull of arm 2 has N = 3, s = 2 there
+    first = bandit_trial(lambda kk, c, s: jnp.where(c.sum() == 10.0, 2, jnp.argmax(c)), means, 1,
+                         jax.random.PRNGKey(1), 1.0, 1.0)
+    assert float(first) == 1.0
+
+
+def test_tabular_priors_of_psrl_and_greedy():
+    """TabulaRL's posterior: mu | data ~ N((mu0 tau0 + sum r) / (tau0 + N), 1 / (tau0 + N)), P ~ Dir(alpha0 + n)."""
+    from benchmarks.rl2 import DUAN_GREEDY_PRIOR, DUAN_PSRL_PRIOR, TRUE_PRIOR
+    counts = jnp.zeros((2, 1, 2)).at[0, 0, 1].set(3.0)  # state 0: 3 transitions to state 1; state 1 unseen
+    reward_sum = jnp.array([[6.0], [0.0]])  # three rewards summing to 6 in state 0
+    key = jax.random.PRNGKey(0)
+    P, R = posterior_model(counts, reward_sum, key, sample=False, prior=DUAN_PSRL_PRIOR)
+    np.testing.assert_allclose(R[:, 0], [6.0 / 4.0, 0.0], rtol=1e-6)  # mu0 = 0, tau0 = 1
+    np.testing.assert_allclose(P[0, 0], [1 / 5, 4 / 5], rtol=1e-6)  # Dir(1 + counts)
+    P, R = posterior_model(counts, reward_sum, key, sample=False, prior=TRUE_PRIOR)
+    np.testing.assert_allclose(R[:, 0], [7.0 / 4.0, 1.0], rtol=1e-6)  # mu0 = 1 pulls towards 1
+    P, R = posterior_model(counts, reward_sum, key, sample=False, prior=DUAN_GREEDY_PRIOR)
+    np.testing.assert_allclose(R[:, 0], [2.0, 0.0], atol=1e-4)  # the empirical mean; 0 where unseen
+    np.testing.assert_allclose(P[0, 0], [0.0, 1.0], atol=1e-4)
+    np.testing.assert_allclose(P[1, 0], [0.5, 0.5], atol=1e-6)
+    # PSRL's sample spreads as 1 / sqrt(tau0 + N) about that mean
+    draws = jax.vmap(lambda k: posterior_model(counts, reward_sum, k, True, DUAN_PSRL_PRIOR)[1])(
+        jax.random.split(key, 4000))
+    np.testing.assert_allclose(np.asarray(draws).std(0)[:, 0], [0.5, 1.0], rtol=0.06)
 
 
 def test_thompson_choice_follows_a_concentrated_posterior():

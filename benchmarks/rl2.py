@@ -341,25 +341,13 @@ def score_params(params, family, tasks, key, args, dims) -> np.ndarray:
     return np.asarray(rewards).reshape(rewards.shape[0], args.episodes_per_trial, dims.horizon).sum(-1)
 
 
-def run_setting(name: str, seeds: list[int], eval_trials: int, scale: float = 1.0, recipe: str = "before",
-                minutes: float = 20.0, max_minutes: float | None = None, on_partial=None,
-                steps: int | None = None) -> dict:
-    """Train RL² (one pinned process per seed, one after another), then evaluate each seed's last checkpoint
-    and the baselines on the same eval_trials new tasks. A seed still training after max_minutes is stopped
-    and scored from its last checkpoint (marked partial). on_partial(result) after every seed."""
-    from algos.rl2 import Args, dims_of, make_task_family
-    from common.checkpoints import load_checkpoint
+def baselines_table(name: str, eval_trials: int):
+    """The task family, the common scoring tasks (key 12345) and key, and the baselines' table on them
+    (name -> mean, stderr) with the hyperparameters tuned on separate tasks."""
+    from algos.rl2 import make_task_family
 
     env_id, n, _ = SETTINGS[name]
-    flags = recipe_flags(recipe, name, minutes, steps)
-    flags["total_timesteps"] = int(flags["total_timesteps"] * scale)
-    flags["eval_interval"] = int(flags["eval_interval"] * min(scale, 1.0))  # the same number of evaluations
-    fields = dict(env_id=env_id, episodes_per_trial=n, num_seeds=1, eval_episodes=200, **flags)
-    args = Args(**fields)
-
-    # Baselines on a common set of tasks (the same for RL² and the baselines).
     family = make_task_family(env_id)
-    dims = dims_of(family)
     key = jax.random.PRNGKey(12345)
     k_task, _ = jax.random.split(key)
     tasks = family.sample_tasks(k_task, eval_trials)
@@ -373,6 +361,27 @@ def run_setting(name: str, seeds: list[int], eval_trials: int, scale: float = 1.
     for algo, totals in base.items():
         m, se = mean_and_stderr(np.asarray(totals))
         table[algo] = {"mean": float(m), "stderr": float(se), "over": f"{eval_trials} trials"}
+    return family, tasks, key, table, tuned
+
+
+def run_setting(name: str, seeds: list[int], eval_trials: int, scale: float = 1.0, recipe: str = "before",
+                minutes: float = 20.0, max_minutes: float | None = None, on_partial=None,
+                steps: int | None = None) -> dict:
+    """Train RL² (one pinned process per seed, one after another), then evaluate each seed's last checkpoint
+    and the baselines on the same eval_trials new tasks. A seed still training after max_minutes is stopped
+    and scored from its last checkpoint (marked partial). on_partial(result) after every seed."""
+    from algos.rl2 import Args, dims_of
+    from common.checkpoints import load_checkpoint
+
+    env_id, n, _ = SETTINGS[name]
+    flags = recipe_flags(recipe, name, minutes, steps)
+    flags["total_timesteps"] = int(flags["total_timesteps"] * scale)
+    flags["eval_interval"] = int(flags["eval_interval"] * min(scale, 1.0))  # the same number of evaluations
+    fields = dict(env_id=env_id, episodes_per_trial=n, num_seeds=1, eval_episodes=200, **flags)
+    args = Args(**fields)
+
+    family, tasks, key, table, tuned = baselines_table(name, eval_trials)
+    dims = dims_of(family)
 
     eval_args = dataclasses.replace(args, eval_episodes=eval_trials)
     per_seed, info = {}, {}
@@ -538,6 +547,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-trials", type=int, default=2000)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the training steps")
     parser.add_argument("--report", action="store_true", help="only print the markdown tables of saved results")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="only score the baselines of --settings on their common tasks (rl2_baselines.json)")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw the plots of the saved rl2_<setting>.json of --settings")
     a = harness.parse(parser, argv)
@@ -548,6 +559,16 @@ def main(argv=None) -> None:
         return
     if a.report:
         print(markdown_tables(tag))
+        return
+    if a.baselines_only:
+        out = {}
+        for name in a.settings:
+            *_, table, tuned = baselines_table(name, a.eval_trials)
+            out[name] = {"table": table, "tuned_baselines": tuned, "duan": DUAN.get(name)}
+            for algo, row in table.items():
+                print(f"{name:14s} {algo:18s} {row['mean']:9.2f} +- {row['stderr']:.2f}   "
+                      f"(Duan: {(DUAN.get(name) or {}).get(algo, '-')})", flush=True)
+        save_results("rl2_baselines", {"settings": out})
         return
     for name in a.settings:
         def save(res, name=name):  # after every seed: a run cut short still leaves its numbers

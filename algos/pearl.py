@@ -74,7 +74,6 @@ import math
 from typing import NamedTuple
 
 import flax.linen as nn
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +85,7 @@ from common.checkpoints import save_checkpoint
 from common.checks import check_finite_series, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import make_env
-from common.envs.mujoco_tasks import task_family_of
+from common.envs.mujoco_tasks import VectorTasks, task_family_of
 from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
 from common.progress import Progress
@@ -681,32 +680,16 @@ def meta_test(params, env, tasks, key, args: Args, dims: Dims):
 # ----------------------------------------------------------------------------
 # MuJoCo task families: collection and meta-test through a gymnasium vector env, the update `train_steps`
 # ----------------------------------------------------------------------------
-class GymTasks:
-    """A MuJoCo task family (common/envs/mujoco_tasks.py) as a SyncVectorEnv of `width` copies, one per task
-    collected (or meta-tested) at the same time, all stepped in lockstep by one policy call."""
-
-    def __init__(self, env_id: str, family, width: int = 1):
-        self.horizon, self.task_splits = family.horizon, family.task_splits
-        self.observation_space, self.action_space = family.observation_space, family.action_space
-        self.vec = gym.vector.SyncVectorEnv([lambda: make_env(env_id)] * width)  # autoreset: NEXT_STEP
-
-
-def gym_round(env: GymTasks, params, z, key, args: Args, dims: Dims, deterministic: bool):
-    """`rollout` in each of the W envs (tasks set before), z (W, latent) fixed per env: transitions
+def gym_round(env: VectorTasks, params, z, key, args: Args, dims: Dims, deterministic: bool):
+    """`rollout` in each of the W envs (their tasks set before), z (W, latent) fixed per env: transitions
     (W, H, ...) and the alive mask (W, H), an env's steps after its terminal masked out."""
-    W, H = env.vec.num_envs, dims.horizon
-    k_seed, key = jax.random.split(key)
-    obs, _ = env.vec.reset(seed=[int(s) for s in jax.random.randint(k_seed, (W,), 0, 2 ** 31 - 1)])
-    out = {k: np.zeros((W, H, *v.shape), np.float32) for k, v in transition_example(dims).items()}
-    alive, live = np.zeros((W, H), bool), np.ones(W, bool)
-    for t, k in enumerate(jax.random.split(key, H)):
-        a, env_a = (np.asarray(x) for x in act(params["policy"], obs, z, k, args, dims, deterministic))
-        obs2, r, term, trunc, _ = env.vec.step(env_a)  # obs2: the true next obs (NEXT_STEP autoreset)
-        for name, x in zip(("obs", "action", "reward", "dense_reward", "next_obs", "terminal"),
-                           (obs, a, r, r, obs2, term), strict=True):
-            out[name][:, t] = x
-        alive[:, t], live, obs = live, live & ~(term | trunc), obs2
-    return out, alive
+    k_seed, *keys = jax.random.split(key, dims.horizon + 1)
+
+    def policy(obs, t):  # one jitted call for the W envs
+        return tuple(np.asarray(x) for x in act(params["policy"], obs, z, keys[t], args, dims, deterministic))
+
+    tr, alive = env.rollout(policy, jax.random.randint(k_seed, (env.num_envs,), 0, 2 ** 31 - 1))
+    return {**tr, "dense_reward": tr["reward"]}, alive
 
 
 @functools.partial(jax.jit, static_argnames=("into_enc",), donate_argnums=(0,))
@@ -731,14 +714,14 @@ def infer_from_buffer(enc_params, enc: ReplayBuffer, task_ids, key, args: Args):
     return posterior(enc_params, context_of(draw(enc, task_ids, key, args.embedding_batch_size), args), args)
 
 
-def gym_collect(state: State, env: GymTasks, tasks, task_ids, phases, clear: bool, args: Args, dims: Dims):
+def gym_collect(state: State, env: VectorTasks, tasks, task_ids, phases, clear: bool, args: Args, dims: Dims):
     """[1]/[2] collect_task through gymnasium for distinct training tasks, W at a time. Each phase (steps,
     posterior, into_encoder_buffer) runs rounds of one trajectory per task until every task has its steps
     (whole trajectories, as oyster: more of them after early terminations). Returns the state, env steps."""
-    W, total = env.vec.num_envs, 0
+    W, total = env.num_envs, 0
     for lo in range(0, len(task_ids), W):
         slots, active = np.resize(task_ids[lo:lo + W], W), np.arange(W) < len(task_ids[lo:lo + W])  # idle: no data
-        env.vec.set_attr("task", [float(tasks[i]) for i in slots])
+        env.set_tasks([tasks[i] for i in slots])
         first = clear
         for steps, use_post, into_enc in phases:
             done, mu, var = np.zeros(W, int), jnp.zeros((W, args.latent_size)), jnp.ones((W, args.latent_size))
@@ -764,7 +747,7 @@ def waves(ids) -> list[list[int]]:
     return out
 
 
-def gym_iteration(state: State, env: GymTasks, tasks, args: Args, dims: Dims):
+def gym_iteration(state: State, env: VectorTasks, tasks, args: Args, dims: Dims):
     """[2]-[3] as `iteration`, the collection through gymnasium, then the same jitted gradient steps. Returns
     the state, the metrics and the env steps collected."""
     key, k_ids = jax.random.split(state.key)
@@ -778,15 +761,15 @@ def gym_iteration(state: State, env: GymTasks, tasks, args: Args, dims: Dims):
     return *train_steps(state, args, dims), total
 
 
-def gym_meta_test(params, env: GymTasks, tasks, key, args: Args, dims: Dims):
+def gym_meta_test(params, env: VectorTasks, tasks, key, args: Args, dims: Dims):
     """[4] meta_test_task through gymnasium for W (task, run) pairs at a time; as `meta_test`, returns
     (tasks, num_evals, K) and the belief variance each trajectory acted under."""
-    K, H, W = trajectories(args.num_steps_per_eval, dims), dims.horizon, env.vec.num_envs
+    K, H, W = trajectories(args.num_steps_per_eval, dims), dims.horizon, env.num_envs
     pairs = [(i, r) for i in range(len(tasks)) for r in range(args.num_evals)]
     returns, z_var = np.zeros((2, len(tasks), args.num_evals, K))
     for lo in range(0, len(pairs), W):
         chunk = [pairs[j % len(pairs)] for j in range(lo, lo + W)]  # padded with repeats, not recorded
-        env.vec.set_attr("task", [float(tasks[i]) for i, _ in chunk])
+        env.set_tasks([tasks[i] for i, _ in chunk])
         ctx, mask = np.zeros((W, K * H, context_dim(args, dims)), np.float32), np.zeros((W, K * H), bool)
         mu, var = jnp.zeros((W, args.latent_size)), jnp.ones((W, args.latent_size))
         for t in range(K):
@@ -807,10 +790,10 @@ jit_posterior = jax.jit(posterior, static_argnames=("args",))
 # Set-up: checks
 # ----------------------------------------------------------------------------
 def make_task_family(env_id: str, width: int = 1):
-    """The pure-JAX task family (FuncEnv) of `env_id`, or a MuJoCo one as GymTasks of `width` envs."""
+    """The pure-JAX task family (FuncEnv) of `env_id`, or a MuJoCo one as a vector env of `width` tasks."""
     env = make_env(env_id)
-    if (family := task_family_of(env)) is not None:
-        return GymTasks(env_id, family, width)
+    if task_family_of(env) is not None:
+        return VectorTasks(env_id, width)
     func_env = func_env_of(env)
     if func_env is None or not is_task_family(func_env):
         fail(f"PEARL meta-trains across a task family: a pure-JAX one (PointRobot-v0, SparsePointRobot-v0) or a "
@@ -822,6 +805,7 @@ def make_task_family(env_id: str, width: int = 1):
 
 def task_lists(env, args: Args):
     """oyster's fixed train / held-out tasks if the family has them, else a seeded draw (seed 1337)."""
+    env = getattr(env, "family", env)
     if hasattr(env, "task_splits"):
         return env.task_splits(args.n_train_tasks, args.n_eval_tasks)
     tasks = env.sample_tasks(jax.random.PRNGKey(1337), args.n_train_tasks + args.n_eval_tasks)
@@ -870,7 +854,7 @@ def main(args: Args) -> dict:
     args = config(args)
     validate(args)
     env = make_task_family(args.env_id, args.num_tasks_sample)
-    gym_path = isinstance(env, GymTasks)  # MuJoCo: collection and meta-test in Python, the update jitted
+    gym_path = isinstance(env, VectorTasks)  # MuJoCo: collection and meta-test in Python, the update jitted
     dims = dims_of(env)
     check_sizes(args, dims)
     train_tasks, test_tasks = task_lists(env, args)

@@ -294,7 +294,7 @@ def tiny_cheetah(**kw):
 
 def test_mujoco_collection_fills_the_right_tasks_buffers_and_clears_the_encoder_buffer():
     args, env, dims = tiny_cheetah()
-    assert isinstance(env, pearl.GymTasks) and env.vec.num_envs == 2 and dims.horizon == 200
+    assert isinstance(env, pearl.VectorTasks) and env.num_envs == 2 and dims.horizon == 200
     tasks = np.array([0.0, 3.0, 1.5], np.float32)  # far-apart target velocities
     state = init_state(jax.random.PRNGKey(0), args, dims)
     state, n = pearl.gym_collect(state, env, tasks, np.arange(3), ((150, False, True),), False, args, dims)

@@ -8,7 +8,8 @@ registered in common/envs/__init__.py from `TASK_FAMILIES`. PEARL's versions
 (HalfCheetahVelOyster-v0: targets U[0, 3]; AntDirOyster-v0: directions in the
 plane) add oyster's fixed seed-1337 task lists and train/test splits;
 HalfCheetahDirOyster-v0 is MAML's cheetah-dir with oyster's split (both
-directions for training and for meta-test).
+directions for training and for meta-test). `VectorTasks` steps W copies of
+a family in a gymnasium SyncVectorEnv, one task each (PEARL's collection).
 """
 
 from __future__ import annotations
@@ -159,3 +160,33 @@ def task_family_of(env: gym.Env):
             return env
         env = env.env
     return None
+
+
+class VectorTasks:
+    """`width` copies of a registered task family in a gymnasium SyncVectorEnv, one task each, stepped in
+    lockstep: collection from several tasks at once (PEARL). Spaces, horizon and task lists are the family's."""
+
+    def __init__(self, env_id: str, width: int):
+        self.vec = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * width)  # autoreset: NEXT_STEP
+        self.family = task_family_of(self.vec.envs[0])
+        self.num_envs, self.horizon = width, self.family.horizon
+        self.observation_space, self.action_space = self.family.observation_space, self.family.action_space
+
+    def set_tasks(self, tasks) -> None:
+        self.vec.set_attr("task", [float(t) for t in tasks])  # reaches the TaskFamily wrapper of each env
+
+    def rollout(self, policy, seeds):
+        """One trajectory of `horizon` steps in every env, reset with `seeds`: policy(obs (W, obs_dim), t) ->
+        (action to store, action for the env). Returns float32 arrays (W, H, ...) "obs", "action", "reward",
+        "next_obs", "terminal" and the alive mask (W, H): an env's steps after its episode ended are masked
+        out (with NEXT_STEP autoreset the step that ends an episode returns its true final observation)."""
+        cols = {k: [] for k in ("obs", "action", "reward", "next_obs", "terminal")}
+        alive, live = np.zeros((self.num_envs, self.horizon), bool), np.ones(self.num_envs, bool)
+        obs, _ = self.vec.reset(seed=[int(s) for s in seeds])
+        for t in range(self.horizon):
+            a, env_a = policy(obs, t)
+            obs2, r, term, trunc, _ = self.vec.step(env_a)
+            for k, x in zip(cols, (obs, a, r, obs2, term), strict=True):
+                cols[k].append(x)
+            alive[:, t], live, obs = live, live & ~(term | trunc), obs2
+        return {k: np.stack(v, 1).astype(np.float32) for k, v in cols.items()}, alive

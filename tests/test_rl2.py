@@ -70,6 +70,7 @@ def test_hidden_state_persists_across_episodes_and_resets_between_trials():
     np.testing.assert_array_equal(np.asarray(traj.done), (np.arange(T) + 1) % H == 0)
     # The previous reward and action inputs are those of the step before.
     np.testing.assert_allclose(traj.x[1:, -2], traj.reward[:-1], atol=1e-6)
+    assert float(traj.x[0, -2]) == 0.0  # no reward before the first step
     a_in = np.asarray(traj.x[:, dims.obs_dim: dims.obs_dim + dims.action_dim])
     np.testing.assert_array_equal(a_in[0], 0.0)
     np.testing.assert_array_equal(a_in[1:].argmax(1), np.asarray(traj.action[:-1]))
@@ -107,18 +108,18 @@ def test_time_input_is_the_step_within_the_episode():
     np.testing.assert_array_equal(np.asarray(traj.x[:, -2]), np.arange(T) % dims.horizon == 0)  # done moved left
 
 
-def test_trial_start_input_is_the_default_action_with_done_1():
-    """x_0 = (o_0, no action (zeros), reward 0, done 1) by default (Duan); --no-start-done gives done 0."""
+def test_trial_start_input_without_start_done_has_done_0():
+    """x_0 = (o_0, no action (zeros), reward 0, done d) with d = 1 by default (Duan; checked in the
+    hidden-state test above) and d = 0 with --no-start-done (before #22)."""
     env = RandomMDP()
     task = jax.tree.map(lambda x: x[0], env.sample_tasks(jax.random.PRNGKey(1), 1))
-    for start_done in (True, False):
-        args, dims = tiny_config(env, start_done=start_done)
-        params = init_carry(jax.random.PRNGKey(0), args, dims).train_state.params
-        x0 = np.asarray(rollout_trial(params, env, task, jax.random.PRNGKey(2), args, dims).x[0])
-        expected = np.zeros(input_dim(args, dims))
-        expected[0] = 1.0  # the one-hot of state 0, where every episode starts
-        expected[-1] = float(start_done)
-        np.testing.assert_array_equal(x0, expected)
+    args, dims = tiny_config(env, start_done=False)
+    params = init_carry(jax.random.PRNGKey(0), args, dims).train_state.params
+    traj = rollout_trial(params, env, task, jax.random.PRNGKey(2), args, dims)
+    expected = np.zeros(input_dim(args, dims))
+    expected[0] = 1.0  # the one-hot of state 0, where every episode starts
+    np.testing.assert_array_equal(np.asarray(traj.x[0]), expected)
+    np.testing.assert_array_equal(np.asarray(traj.x[dims.horizon, -1]), 1.0)  # later episodes still flagged
 
 
 def test_anneal_decays_step_size_and_entropy_bonus_to_zero():

@@ -311,21 +311,23 @@ def mlp_flops(sizes) -> float:
     return 2.0 * sum(i * o for i, o in zip(sizes[:-1], sizes[1:], strict=False))
 
 
-def timed_call(fn, args, reps: int, **kwargs) -> float:
-    """Seconds per call of fn(*args, **kwargs), compiled first, results waited for."""
+def timed_call(fn, args, reps: int, clock=time.perf_counter, **kwargs) -> float:
+    """Seconds per call of fn(*args, **kwargs), compiled first, results waited for; `clock=time.process_time`
+    gives CPU seconds (of the whole process), which other jobs on a shared core do not inflate."""
     import jax
 
     jax.block_until_ready(fn(*args, **kwargs))  # compile
-    tic = time.perf_counter()
+    tic = clock()
     for _ in range(reps):
         jax.block_until_ready(fn(*args, **kwargs))
-    return (time.perf_counter() - tic) / reps
+    return (clock() - tic) / reps
 
 
-def matmul_rate(size: int = 2048) -> float:
-    """XLA's fp32 size x size matmul rate here, GFLOP/s: the limit a compute-bound phase is held against."""
+def matmul_rate(size: int = 2048, clock=time.perf_counter) -> float:
+    """XLA's fp32 size x size matmul rate here, GFLOP/s (per CPU second with `clock=time.process_time`): the
+    limit a compute-bound phase is held against."""
     import jax
     import jax.numpy as jnp
 
     x = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-    return 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10) / 1e9
+    return 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10, clock=clock) / 1e9

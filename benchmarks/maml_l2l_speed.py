@@ -85,6 +85,7 @@ a, b = marks[warmup], marks[-1]
 json.dump({"iterations": len(marks) - 1 - warmup, "wall_seconds": b[0] - a[0], "cpu_seconds": b[1] - a[1],
            "main_process_cpu_seconds": b[2] - a[2], "torch_threads": torch.get_num_threads(),
            "affinity": sorted(os.sched_getaffinity(0)), "torch": torch.__version__}, open(out, "w"))
+os._exit(0)  # the example's vector env is never closed: a normal exit waits on its threads forever
 '''
 
 # Runs in our venv: algos.maml's own main(), with every meta_iteration call timed (blocking on its result).
@@ -122,7 +123,11 @@ def main(argv=None):
                    help="the unpacked learn2learn 0.2.0 sdist (for examples/rl/)")
     p.add_argument("--venv", type=Path, default=ROOT / ".peers" / "l2l-venv", help="learn2learn's virtual env")
     p.add_argument("--cores", type=int, nargs=2, default=[0, 1], help="the cores of ours and of learn2learn")
+    p.add_argument("--collect", type=Path, default=None,
+                   help="only summarise the work folder of an earlier run whose sides both wrote their timings")
     a = harness.parse(p, argv)
+    if a.collect:
+        return summarise(a.collect, json.loads((a.collect / "run.json").read_text()))
     if not (a.l2l_src / "examples" / "rl" / "maml_trpo.py").exists() or not (a.venv / "bin" / "python").exists():
         sys.exit(f"error: needs learn2learn's sdist in {a.l2l_src} and its venv in {a.venv} (see --help)")
     allowed = sorted(os.sched_getaffinity(0))
@@ -148,13 +153,22 @@ def main(argv=None):
                                  stderr=subprocess.STDOUT, preexec_fn=pin(core["ours"])),
     }
     print(f"running in {work}: ours on core {core['ours']}, learn2learn on core {core['l2l']}", flush=True)
-    loads, t0 = [], time.time()
+    run = {"pinned_cores": core, "loads": [], "started": time.time()}
     while any(pr.poll() is None for pr in procs.values()):
-        loads.append(os.getloadavg()[0])
+        run["loads"].append(os.getloadavg()[0])
+        run["ended"] = time.time()
+        (work / "run.json").write_text(json.dumps(run))  # what --collect needs, should this process be stopped
         time.sleep(5)
     if any(pr.returncode for pr in procs.values()):
         sys.exit(f"error: a side failed ({ {k: pr.returncode for k, pr in procs.items()} }); see {work}/*_log.txt")
-    sides = {k: json.loads((work / f"{k}.json").read_text()) for k in procs}
+    return summarise(work, run)
+
+
+def summarise(work: Path, run: dict) -> dict:
+    """Ratios and the headline row from the two sides' timings in `work`; the matmul rate measured now, on the
+    core ours ran on."""
+    core, loads, t0 = run["pinned_cores"], run["loads"], run["started"]
+    sides = {k: json.loads((work / f"{k}.json").read_text()) for k in ("ours", "l2l")}
     per_it = {k: {"cpu_seconds": s["cpu_seconds"] / s["iterations"],
                   "wall_seconds": s["wall_seconds"] / s["iterations"],
                   "cpu_seconds_per_wall_second": s["cpu_seconds"] / s["wall_seconds"]} for k, s in sides.items()}
@@ -162,28 +176,29 @@ def main(argv=None):
     ratio_wall = per_it["l2l"]["wall_seconds"] / per_it["ours"]["wall_seconds"]
     if core["ours"] is not None:
         os.sched_setaffinity(0, {core["ours"]})
-    rate = harness.matmul_rate()
+    rate = harness.matmul_rate(clock=time.process_time)  # per CPU second: the core is shared
     host = harness.machine()
     print(f"per meta-iteration: ours {per_it['ours']['cpu_seconds']:.1f} CPU s ({per_it['ours']['wall_seconds']:.1f} "
           f"wall), learn2learn {per_it['l2l']['cpu_seconds']:.1f} CPU s ({per_it['l2l']['wall_seconds']:.1f} wall): "
           f"{ratio_cpu:.1f}x fewer CPU seconds ({ratio_wall:.1f}x wall)", flush=True)
-    mean_load = sum(loads) / max(len(loads), 1)
+    mean_load = sum(loads) / len(loads) if loads else None
+    load_text = f"1-min load avg {mean_load:.1f}" if loads else "load not sampled"
     res = {"config": "learn2learn examples/rl/maml_trpo.py defaults on Particles2D-v1 (ours: PointNav2D-v0): 20 "
                      "tasks x 20 episodes x 100 steps before and after 1 adaptation step, inner lr 0.1, gamma 0.95, "
                      "2x100 ReLU, TRPO max KL 0.01, CG 10, line search 15 x 0.5; 1 sampling worker",
            "pinned_cores": core, "per_iteration": per_it, "sides": sides, "cpu_seconds_ratio": ratio_cpu,
-           "wall_seconds_ratio": ratio_wall, "matmul_2048_gflops_per_second": rate, "host": host,
-           "load_average_1min_mean": mean_load, "run_wall_seconds": time.time() - t0,
+           "wall_seconds_ratio": ratio_wall, "matmul_2048_gflops_per_cpu_second": rate, "host": host,
+           "load_average_1min_mean": mean_load, "run_note": run.get("note"), "run_wall_seconds": run["ended"] - t0,
            "headline": [{"algorithm": "MAML", "setting": f"Particles2D / PointNav2D-v0, learn2learn's maml_trpo "
                          f"example config, side by side, each pinned to its own core on {host['cpu']} "
-                         f"{host['cpu_family_model']} (1-min load avg {mean_load:.1f}); ours {ratio_cpu:.2f}x "
+                         f"{host['cpu_family_model']} ({load_text}); ours {ratio_cpu:.2f}x "
                          f"fewer process-tree CPU seconds, {ratio_wall:.2f}x less wall time",
                          "metric": "CPU seconds per meta-iteration (80,000 env steps)",
                          "ours": round(per_it["ours"]["cpu_seconds"], 2),
                          "reference": f"learn2learn 0.2.0: {per_it['l2l']['cpu_seconds']:.1f} (ratio "
                                       f"{ratio_cpu:.2f}x; wall {per_it['l2l']['wall_seconds']:.1f} vs ours "
                                       f"{per_it['ours']['wall_seconds']:.1f})",
-                         "seeds": 1, "wall_seconds": round(time.time() - t0)}]}
+                         "seeds": 1, "wall_seconds": round(run["ended"] - t0)}]}
     harness.save_results("maml_l2l_speed", res)
     return res
 

@@ -439,7 +439,7 @@ def main(argv=None):
     if cores[0] is not None:  # the FLOP count and matmul rate on one core, as the runs had
         os.sched_setaffinity(0, {cores[0]})
     hw = sac_flops_and_matmul_rate(a.threads, a.sac_hidden)
-    hw["matmul_2048_gflops_per_second"] = harness.matmul_rate()
+    hw["matmul_2048_gflops_per_cpu_second"] = harness.matmul_rate(clock=time.process_time)
 
     keys = ("window_seconds", "window_cpu_seconds", "model_train", "rollouts", "sac")
     per1000 = lambda t: {**{k: 1000 * t[k] / t["window_steps"] for k in keys},

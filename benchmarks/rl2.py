@@ -316,9 +316,9 @@ def recipe_flags(recipe: str, name: str, minutes: float, steps: int | None = Non
 
 
 CPU_STEPS_PER_ITERATION = 51_200
-# env steps per second of training on mdp-10, one core of this CPU (docs/rl2.md): duan-cpu measured at
-# meta-batch 512, 5 epochs; ppo-cpu as the before recipe's 17.92M steps in 461 s
-CPU_STEPS_PER_SECOND = {"duan-cpu": 19_000, "ppo-cpu": 38_900}
+# env steps per CPU second of training on mdp-10, one core of this CPU (docs/rl2.md): duan-cpu measured as
+# 12.29M steps in 425-435 CPU s per seed; ppo-cpu as the before recipe's 17.92M steps in 461 s
+CPU_STEPS_PER_SECOND = {"duan-cpu": 28_600, "ppo-cpu": 38_900}
 
 
 def cli_flags(fields: dict) -> list[str]:

@@ -497,7 +497,9 @@ def plot_setting(res: dict, tag: str = "") -> None:
 def headline(res: dict) -> list[dict]:
     t, ref = res["table"], res["duan"] or {}
     best = "thompson" if "thompson" in t else "psrl"
-    return [{"algorithm": "RL²", "setting": res["setting"], "metric": "total reward per trial",
+    recipe = res.get("recipe", "before")
+    setting = res["setting"] if recipe == "before" else f"{res['setting']} ({recipe})"
+    return [{"algorithm": "RL²", "setting": setting, "metric": "total reward per trial",
              "ours": round(t["rl2"]["mean"], 2), "ours_stderr": round(t["rl2"]["stderr"], 2),
              "baseline": best, "baseline_ours": round(t[best]["mean"], 2),
              "reference": ref.get("rl2"), "seeds": res["seeds"],

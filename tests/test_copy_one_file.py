@@ -18,7 +18,7 @@ TINY = {
             "--total-timesteps", "32", "--policy-steps", "5", "--gmm-iters", "2", "--prior-samples", "4",
             "--policy-hidden", "8", "--init-var", "1.0", "--policy-batch-size", "32"],
     "maml": ["--meta-batch", "2", "--trajectories-per-task", "2", "--total-timesteps", "800",
-             "--eval-interval", "800", "--eval-episodes", "2"],
+             "--eval-interval", "800", "--eval-episodes", "2", "--eval-trajectories", "2"],
     "backprop_through_model": ["--total-timesteps", "200", "--random-steps", "100", "--eval-interval", "100",
                                "--eval-episodes", "1", "--horizon", "5", "--num-start-states", "8",
                                "--policy-steps", "2", "--model-steps", "2", "--model-batch-size", "32",

@@ -30,6 +30,7 @@ Writes maml_l2l_speed.json to benchmarks/out/ (with --save: benchmarks/results/)
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -136,7 +137,7 @@ def main(argv=None):
     work.mkdir(parents=True)
     (work / "l2l_runner.py").write_text(L2L_RUNNER)
     (work / "ours_runner.py").write_text(OURS_RUNNER)
-    (work / "tree_cpu.py").write_text(f"import os\nfrom pathlib import Path\n\n\n{_source(tree_cpu_seconds)}")
+    (work / "tree_cpu.py").write_text(f"import os\nfrom pathlib import Path\n\n\n{inspect.getsource(tree_cpu_seconds)}")
     pin = lambda c: (lambda: os.sched_setaffinity(0, {c}))
     threads = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     l2l_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | threads
@@ -201,12 +202,6 @@ def summarise(work: Path, run: dict) -> dict:
                          "seeds": 1, "wall_seconds": round(run["ended"] - t0)}]}
     harness.save_results("maml_l2l_speed", res)
     return res
-
-
-def _source(fn) -> str:
-    import inspect
-
-    return inspect.getsource(fn)
 
 
 if __name__ == "__main__":

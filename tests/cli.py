@@ -62,6 +62,28 @@ def kill_after_checkpoint(name: str, *flags: str, cwd, min_step: int, timeout: i
             proc.wait()
 
 
+@contextlib.contextmanager
+def stopped_at_call(monkeypatch, module, name: str, n: int):
+    """Inside the block, the n-th call of module.<name> raises KeyboardInterrupt: a run stopped mid-way in
+    this process (the block expects the interrupt); the real function is back afterwards."""
+    import pytest
+
+    real, calls = getattr(module, name), []
+
+    def stop(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(module, name, real)
+
+
 def comparable(rows: list[dict]) -> list[dict]:
     """Metric rows without their wall-clock fields."""
     return [{k: v for k, v in row.items() if not TIMING_KEY.search(k)} for row in rows]

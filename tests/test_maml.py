@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import cli_error, comparable, kill_after_checkpoint, one_line_error, run_algo
+from cli import cli_error, comparable, kill_after_checkpoint, one_line_error, run_algo, stopped_at_call
 from jax.flatten_util import ravel_pytree
 
 from algos import maml
@@ -276,18 +276,8 @@ def test_pretrained_baseline_resumes_with_its_adam_moments(tmp_path, monkeypatch
                      test_steps=0, inner_steps=0, total_timesteps=800, eval_interval=400, checkpoint_interval=200,
                      exp_name="full")
     full = maml.main(args)
-    real, calls = maml.meta_iteration, []
-
-    def stopped(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(maml, "meta_iteration", stopped)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_call(monkeypatch, maml, "meta_iteration", 3):
         maml.main(replace(args, exp_name="cut"))
-    monkeypatch.setattr(maml, "meta_iteration", real)
     (cut,) = (tmp_path / "runs").glob("*cut*")
     saved = load_checkpoint(cut / "checkpoint.msgpack")
     assert int(saved["state"]["iteration"]) == 2 and int(saved["state"]["opt_state"]["0"]["count"]) == 2

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import ROOT, cli_error, comparable, one_line_error, run_algo
+from cli import ROOT, cli_error, comparable, one_line_error, run_algo, stopped_at_call
 from gymnasium.utils.env_checker import check_env
 
 from algos import plato
@@ -337,18 +337,8 @@ def test_kill_then_resume_writes_the_same_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = Args(**{**SMALL, **SMOKE, "exp_name": "whole"})
     whole = main(args)
-    real, calls = plato.run_iteration, []
-
-    def stops_at_third(*a, **kw):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(plato, "run_iteration", stops_at_third)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_call(monkeypatch, plato, "run_iteration", 3):
         main(dataclasses.replace(args, exp_name="killed"))
-    monkeypatch.setattr(plato, "run_iteration", real)
     (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if "killed" in d.name]
     resumed = main(dataclasses.replace(args, exp_name="killed", resume=str(run_dir)))
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(whole["run_dir"]))

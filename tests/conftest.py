@@ -1,6 +1,7 @@
-"""Test settings: one BLAS thread; a persistent JAX compilation cache for the
-scripts the tests start (not for the pytest process itself, see below); MuJoCo's
-log goes to a temporary folder, not to MUJOCO_LOG.TXT in the repository."""
+"""Test settings: one BLAS thread and a persistent JAX compilation cache, so
+repeated runs (and CI) do not recompile the same programs; compiled programs are
+freed after each test file; MuJoCo's log goes to a temporary folder, not to
+MUJOCO_LOG.TXT in the repository."""
 
 import gc
 import os
@@ -14,16 +15,9 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# The scripts the tests start (`python -m algos.<name>`: smoke runs, kill -9 and resume, one-file copies) share a
-# persistent compilation cache, so each program is compiled once per machine, not once per process.
 cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/jax-compilation-cache"))
-os.environ["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# The pytest process itself does not read or write that cache. In one long process that has compiled every
-# algorithm's programs, reading executables back (XLA's deserialisation, jax 0.10.2 on CPU) took the whole
-# process down: an abort in compilation_cache.get_executable_and_time in three CI dry runs and a segfault in CI
-# (stop 25), at different tests, never with a test file alone. Its own in-memory jit cache still applies.
-jax.config.update("jax_enable_compilation_cache", False)
+jax.config.update("jax_compilation_cache_dir", cache_dir)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from common.command_line import mujoco_log_to  # noqa: E402
 

@@ -57,9 +57,8 @@ def test_hidden_state_persists_across_episodes_and_resets_between_trials():
     np.testing.assert_array_equal(hidden[0], 0.0)
     # ... and every later step, the first step of episodes 2..n included, starts
     # from the GRU's output of the step before: nothing is reset at a boundary.
-    for t in range(1, T):
-        h_expected = net.apply(params, hidden[t - 1], traj.x[t - 1])[0]
-        np.testing.assert_allclose(hidden[t], h_expected, atol=1e-5)
+    h_expected = jax.vmap(lambda h, x: net.apply(params, h, x)[0])(hidden[:-1], traj.x[:-1])  # step t from t - 1
+    np.testing.assert_allclose(hidden[1:], h_expected, atol=1e-5)
     assert np.abs(hidden[H]).max() > 1e-3  # first step of episode 2: a non-zero memory
     # The done flag of the input says "new episode" exactly at those steps, and at
     # the trial's first step (Duan's MultiEnv.reset: last_terminal = 1).
@@ -137,8 +136,8 @@ def test_anneal_decays_step_size_and_entropy_bonus_to_zero():
     moved = lambda ts_: float(jnp.abs(ravel_pytree(ts_.apply_gradients(grads=ones).params)[0]
                                       - ravel_pytree(ts_.params)[0]).max())
     assert moved(ts) == pytest.approx(args.learning_rate, rel=1e-2)
-    for _ in range(n_steps):
-        ts = ts.apply_gradients(grads=jax.tree.map(jnp.zeros_like, ts.params))
+    ts = jax.jit(lambda ts: jax.lax.fori_loop(0, n_steps, lambda _, t: t.apply_gradients(
+        grads=jax.tree.map(jnp.zeros_like, t.params)), ts))(ts)
     assert moved(ts) < 1e-9
 
 
@@ -219,6 +218,9 @@ def test_exact_kl_of_both_policy_kinds():
 def test_kl_control_keeps_the_best_epoch_and_backs_off_to_the_bound():
     env = RandomMDP()
     args, dims = tiny_config(env, target_kl=0.01)
+    # jitted: one compiled program each, not op after op (and the back-tracking loop compiled anew) per call
+    kl_of = jax.jit(rl2.batch_kl, static_argnames=("args", "dims"))
+    control = jax.jit(rl2.kl_control, static_argnames=("args", "dims"))
     ts = init_carry(jax.random.PRNGKey(0), args, dims).train_state
     old = ts.params
     tasks = env.sample_tasks(jax.random.PRNGKey(1), 4)
@@ -228,20 +230,20 @@ def test_kl_control_keeps_the_best_epoch_and_backs_off_to_the_bound():
     noise = jax.tree.unflatten(tree, [jax.random.normal(jax.random.PRNGKey(i), x.shape) for i, x in
                                       enumerate(leaves)])
     far = jax.tree.map(lambda o, e: o + 0.5 * e, old, noise)  # policy and value moved a lot
-    assert float(rl2.batch_kl(far, traj, args, dims)) > 0.05
+    assert float(kl_of(far, traj, args, dims)) > 0.05
     ts_far = ts.replace(params=far)
     # No epoch within the bound: start from the last epoch, halve until the KL is at most 0.01
-    ts_new, kl, frac = rl2.kl_control(ts_far, old, (old, jnp.float32(jnp.inf)), traj, args, dims)
+    ts_new, kl, frac = control(ts_far, old, (old, jnp.float32(jnp.inf)), traj, args, dims)
     n = round(-np.log2(float(frac)))
     assert n >= 1 and float(frac) == pytest.approx(0.5 ** n)
-    assert float(kl) <= 0.01 < float(rl2.batch_kl(rl2.mix_policy(far, old, 2 * float(frac)), traj, args, dims))
-    assert float(kl) == pytest.approx(float(rl2.batch_kl(ts_new.params, traj, args, dims)), rel=1e-4)
+    assert float(kl) <= 0.01 < float(kl_of(rl2.mix_policy(far, old, 2 * float(frac)), traj, args, dims))
+    assert float(kl) == pytest.approx(float(kl_of(ts_new.params, traj, args, dims)), rel=1e-4)
     for name, sub in ts_new.params["params"].items():  # the value network keeps its last epoch
         moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), sub, far["params"][name])
         assert (max(jax.tree.leaves(moved)) == 0.0) == rl2.is_value_param(name), name
     # An epoch within the bound: its policy is taken as it is (no back-off), the value network's last
     near = jax.tree.map(lambda o, e: o + 1e-3 * e, old, noise)
-    ts_new, kl, frac = rl2.kl_control(ts_far, old, (near, jnp.float32(-1.0)), traj, args, dims)
+    ts_new, kl, frac = control(ts_far, old, (near, jnp.float32(-1.0)), traj, args, dims)
     assert float(frac) == 1.0 and float(kl) <= 0.01
     np.testing.assert_allclose(ts_new.params["params"]["policy"]["kernel"], near["params"]["policy"]["kernel"],
                                atol=1e-6)
@@ -374,30 +376,24 @@ def test_rl2_learns_two_armed_bandits(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------
 # Continuous actions, CLI smoke test and bad input
 # ----------------------------------------------------------------------------
-def test_point_navigation_runs_with_gaussian_policy(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    out = main(Args(env_id="PointNav2D-v0", episodes_per_trial=2, hidden_size=8, meta_batch=4,
-                    num_minibatches=2, update_epochs=1, total_timesteps=1600, eval_interval=800,
-                    eval_episodes=4))
-    assert out["evals"].shape == (3, 1, 4, 2)
-    assert np.all(out["evals"] < 0)  # minus distances
-    assert np.isfinite(out["final_trial_reward"])
-
-
-def test_cli_smoke(tmp_path):
-    flags = ["--env-id", "RandomMDP-v0", "--episodes-per-trial", "2",
-             "--hidden-size", "8", "--meta-batch", "4", "--num-minibatches", "2", "--update-epochs", "1",
-             "--total-timesteps", "160", "--eval-interval", "80", "--eval-episodes", "3", "--num-seeds", "2",
-             "--save-model"]
+def test_cli_smoke_point_navigation_two_seeds_gaussian_policy_and_save_model(tmp_path):
+    """The entry point on a continuous task family (a Gaussian policy) with two seeds and --save-model."""
+    flags = ["--env-id", "PointNav2D-v0", "--episodes-per-trial", "2", "--hidden-size", "8", "--meta-batch", "4",
+             "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "1600", "--eval-interval", "800",
+             "--eval-episodes", "4", "--num-seeds", "2", "--save-model"]
     res = run_algo("rl2", *flags, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/trial_reward" in r]
-    assert [r["global_step"] for r in evals] == [80, 160]
-    assert all(np.isfinite(r["eval/trial_reward"]) for r in evals)
+    assert [r["global_step"] for r in evals] == [800, 1600]  # trials of 2 x 100 steps, meta-batch 4
+    assert all(np.isfinite(r["eval/trial_reward"]) and r["eval/trial_reward"] < 0 for r in evals)
+    assert np.isfinite(rows[-1]["final_trial_reward"])
+    # every evaluation (the untrained one first) of both seeds: (evaluations, seeds, trials, episodes)
+    ev = np.asarray(load_checkpoint(run_dir / "checkpoint.msgpack")["state"]["evals"])
+    assert ev.shape == (3, 2, 4, 2) and np.all(ev < 0)  # minus distances
     saved = load_checkpoint(run_dir / "rl2.msgpack", None)
-    assert saved["config"]["hidden_size"] == 8
+    assert saved["config"]["hidden_size"] == 8 and not saved["config"]["discrete_action"]
     kernel = saved["params"]["params"]["policy_gru"]["ir"]["kernel"]
     assert kernel.shape[0] == 2  # one set of params per seed
 

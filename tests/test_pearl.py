@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cli import cli_error, kill_after_checkpoint, run_algo
+from cli import checkpoint_step, cli_error, kill_after_checkpoint, run_algo
 from gymnasium.utils.env_checker import check_env
 
 from algos import pearl
@@ -36,10 +36,13 @@ from common.jax_envs.point_robot import GoalParams, PointRobot, SparsePointRobot
 
 
 def tiny(env_id="PointRobot-v0", **kw):
+    """A tiny PEARL; its buffer size is fixed (not derived from --num-iterations), so that every tiny run has the
+    same shapes and the programs compiled for one test serve the next."""
     args = config(Args(**{**dict(env_id=env_id, net_size=16, encoder_size=16, n_train_tasks=6, n_eval_tasks=3,
                                  meta_batch=4, batch_size=8, embedding_batch_size=8, num_tasks_sample=2,
                                  num_initial_steps=40, num_steps_prior=40, num_steps_posterior=20,
-                                 num_extra_rl_steps=20, num_train_steps=3, num_steps_per_eval=60), **kw}))
+                                 num_extra_rl_steps=20, num_train_steps=3, num_steps_per_eval=60,
+                                 buffer_size=400), **kw}))
     env = pearl.make_task_family(env_id)
     return args, env, dims_of(env)
 
@@ -396,17 +399,20 @@ def test_meta_test_reinfers_the_posterior_after_each_trajectory_from_its_own_con
 
 def test_headline_is_the_last_trajectorys_return(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args, _, _ = tiny(num_iterations=1)
+    args, _, _ = tiny(num_iterations=2)  # the same run as the divergence test's: one compilation for both
     out = pearl.main(args)
     final = out["evals"][-1]  # (tasks, runs, K)
     assert final.shape == (3, args.num_evals, 3)
     assert out["final_return"] == pytest.approx(float(final[..., -1].mean()), rel=1e-6)
     assert out["final_first_trajectory_return"] == pytest.approx(float(final[..., 0].mean()), rel=1e-6)
-    row, summary = read_metrics(out["run_dir"])  # the iteration's row, then the summary row
-    assert row["iteration"] == 1 and "iteration" not in summary
-    for r in (row, summary):
+    *rows, summary = read_metrics(out["run_dir"])  # the iterations' rows, then the summary row
+    assert [r["iteration"] for r in rows] == [1, 2] and "iteration" not in summary
+    for r in (rows[-1], summary):
         assert r["eval/return"] == pytest.approx(out["final_return"], rel=1e-5)
-        assert r["global_step"] == 6 * 40 + 2 * (40 + 20 + 20)
+    per_iteration = 2 * (40 + 20 + 20)
+    assert [r["global_step"] for r in rows] == [6 * 40 + per_iteration, 6 * 40 + 2 * per_iteration]
+    assert summary["global_step"] == rows[-1]["global_step"]
+    assert rows[0]["eval/return"] != rows[1]["eval/return"]  # each row its own meta-test
 
 
 # ----------------------------------------------------------------------------
@@ -455,51 +461,59 @@ TINY_FLAGS = ["--net-size", "8", "--encoder-size", "8", "--n-train-tasks", "4", 
               "--num-train-steps", "2"]
 
 
-def test_cli_smoke_sparse_and_save_model(tmp_path):
-    res = run_algo("pearl", "--env-id", "SparsePointRobot-v0", *TINY_FLAGS, "--num-steps-posterior", "20",
-                   "--num-iterations", "2", "--save-model", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "iteration" in r]
-    assert [r["iteration"] for r in evals] == [1, 2] and rows[-1]["eval/return"] == evals[-1]["eval/return"]
-    assert all(0 <= r["eval/return"] <= 20 for r in evals)  # sparse returns: 20 steps of at most 1
-    assert (run_dir / "pearl.msgpack").exists() and "done: final_return" in res.stdout
-
-
-def test_kill_9_then_resume_writes_the_same_metrics(tmp_path):
-    flags = [*TINY_FLAGS, "--num-iterations", "30", "--num-train-steps", "20"]
+def test_cli_smoke_sparse_save_model_then_kill_9_and_resume_writes_the_same_metrics(tmp_path):
+    """One whole run through the entry point on the sparse robot (checked as a smoke run: its rows, returns,
+    saved model), then the same run killed with kill -9 and resumed: the resumed run's rows equal the whole
+    run's."""
+    flags = ["--env-id", "SparsePointRobot-v0", *TINY_FLAGS, "--num-steps-posterior", "20", "--num-iterations", "30",
+             "--num-train-steps", "20", "--num-steps-per-eval", "60", "--num-exp-traj-eval", "2", "--save-model"]
     whole = tmp_path / "whole"
     whole.mkdir()
     res = run_algo("pearl", *flags, cwd=whole)
     assert res.returncode == 0, res.stderr[-2000:]
     (whole_dir,) = (whole / "runs").iterdir()
+    rows = read_metrics(whole_dir)
+    evals = [r for r in rows if "iteration" in r]
+    assert [r["iteration"] for r in evals] == list(range(1, 31)) and rows[-1]["eval/return"] == evals[-1]["eval/return"]
+    assert all(0 <= r["eval/return"] <= 20 for r in evals)  # sparse returns: 20 steps of at most 1
+    assert (whole_dir / "pearl.msgpack").exists() and "done: final_return" in res.stdout
     killed = tmp_path / "killed"
     killed.mkdir()
-    per_iter, init = 2 * 40, 4 * 20
+    per_iter, init = 2 * (20 + 20 + 20), 4 * 20
+    assert [r["global_step"] for r in evals[:2]] == [init + per_iter, init + 2 * per_iter]
     run_dir, step = kill_after_checkpoint("pearl", *flags, cwd=killed, min_step=init + 3 * per_iter)
     assert step < init + 30 * per_iter, "the kill landed after the end"
     res = run_algo("pearl", "--resume", str(run_dir), cwd=killed)
     assert res.returncode == 0, res.stderr[-2000:]
     from cli import comparable
-    expected = comparable(read_metrics(whole_dir))
+    expected = comparable(rows)
     assert comparable(read_metrics(run_dir)) == expected and len(expected) == 31
+    assert (run_dir / "pearl.msgpack").exists()
 
 
 def test_divergence_names_the_gradient_step(tmp_path, monkeypatch):
+    """A NaN target V going into the 2nd iteration (the real programs, the headline test's run): the Q loss is
+    NaN from that iteration's first gradient step, 3 + 1 = 4, not the chunk's end (6); iteration 1's rows and
+    checkpoint stay."""
     monkeypatch.chdir(tmp_path)
-    real = pearl.kl_to_prior
-    calls = {"n": 0}
+    real, calls = pearl.iteration, []
 
-    def bad_kl(mu, var):  # NaN from the 2nd iteration's programs on (traced once per compilation)
-        calls["n"] += 1
-        return real(mu, var) * jnp.where(jnp.sum(var) > -1, jnp.nan, 1.0)
+    def poisoned(state, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            p = dict(state.params)
+            p["target_vf"] = jax.tree.map(lambda x: x * jnp.nan, p["target_vf"])
+            state = state._replace(params=p)
+        return real(state, *a, **kw)
 
     args, _, _ = tiny(num_iterations=2)
-    monkeypatch.setattr(pearl, "kl_to_prior", bad_kl)
+    monkeypatch.setattr(pearl, "iteration", poisoned)
     with pytest.raises(Divergence) as e:
         pearl.main(args)
-    assert "diverged at gradient step 1: 'loss/kl' is not finite" in str(e.value)
+    assert "diverged at gradient step 4: 'loss/qf' is not finite" in str(e.value)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1]
+    assert checkpoint_step(run_dir) == 6 * 40 + 2 * (40 + 20 + 20)
 
 
 @pytest.mark.parametrize("argv, message", [

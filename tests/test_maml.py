@@ -98,17 +98,18 @@ def test_promp_lvc_inner_gradient_equals_vpg_gradient_at_the_sampling_policy():
     np.testing.assert_allclose(g_vpg, g_lvc, rtol=1e-4, atol=1e-6)
 
 
-def test_fisher_vector_product_equals_explicit_fisher():
+def test_fisher_vector_product_equals_explicit_fisher_and_the_kl_hessian_through_the_inner_step():
     """Without adaptation the Hessian of the mean KL at theta_old is the
     Fisher of a diagonal Gaussian policy: E_s[J_mu^T diag(1/sigma^2) J_mu] on
-    the mean's parameters and 2 I on the log-stds."""
+    the mean's parameters and 2 I on the log-stds. With adaptation, the
+    Gauss-Newton product equals the KL's Hessian through the inner step (a
+    jvp of its gradient, second-order terms included)."""
     with jax.enable_x64(True):
         cfg, policy, theta, pre, post = tiny_problem(inner_steps=0)
         theta = jax.tree.map(lambda x: x.astype(jnp.float64), theta)
         flat, unravel = ravel_pytree(theta)
-        kl = lambda f: maml.surrogate_and_kl(policy.apply, unravel(f), theta, pre, post, cfg)[1]  # noqa: E731
         v = jnp.asarray(np.random.default_rng(1).normal(size=flat.shape))
-        fvp = jax.jvp(jax.grad(kl), (flat,), (v,))[1]
+        fvp = maml.fisher_vector_product(policy.apply, theta, pre, post, cfg)(v)
 
         obs = post.obs.reshape(-1, DIMS.obs_dim)
         mean_fn = lambda f: policy.apply(unravel(f), obs)[0]  # noqa: E731  (S, A)
@@ -120,14 +121,24 @@ def test_fisher_vector_product_equals_explicit_fisher():
         F = F + jnp.diag(jnp.where(is_log_std, 2.0, 0.0))
         np.testing.assert_allclose(fvp, F @ v, rtol=1e-8, atol=1e-10)
 
+        cfg, policy, theta, pre, post = tiny_problem(inner_steps=1)
+        theta = jax.tree.map(lambda x: x.astype(jnp.float64), theta)
+        kl = lambda f: maml.surrogate_and_kl(policy.apply, unravel(f), theta, pre, post, cfg)[1]  # noqa: E731
+        hessian_v = jax.jvp(jax.grad(kl), (flat,), (v,))[1]
+        fvp = maml.fisher_vector_product(policy.apply, theta, pre, post, cfg)(v)
+        first_order = maml.fisher_vector_product(policy.apply, theta, pre, post, replace(cfg, first_order=True))(v)
+        np.testing.assert_allclose(fvp, hessian_v, rtol=1e-9, atol=1e-12)
+        assert float(jnp.linalg.norm(fvp - first_order)) > 0.05 * float(jnp.linalg.norm(fvp))  # through the step
+
 
 def test_conjugate_gradient_equals_direct_solve():
     rng = np.random.default_rng(0)
     A = rng.normal(size=(12, 12))
     F = jnp.asarray(A @ A.T + 0.5 * np.eye(12))
     b = jnp.asarray(rng.normal(size=12))
-    x = maml.conjugate_gradient(lambda v: F @ v, b, iters=40)
+    x, Fx = maml.conjugate_gradient(lambda v: F @ v, b, iters=40)
     np.testing.assert_allclose(x, jnp.linalg.solve(F, b), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(Fx, F @ x, rtol=1e-4, atol=1e-4)  # summed from the products, for the step size
 
 
 def test_trpo_line_search_respects_the_kl_bound_and_improves():

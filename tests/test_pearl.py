@@ -124,22 +124,23 @@ def test_encoder_gets_gradients_from_the_q_loss_only():
         def f(enc):
             z = pearl.per_row(task_z(enc, ctx, k[5], args)[0], batch, args)
             return loss_fn(z)
-        return jax.grad(f)(p["encoder"])
+        return jax.jit(jax.grad(f))(p["encoder"])
 
     norm = lambda g: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(g)))  # noqa: E731
     g_v = via_z(lambda z: vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z, k[5], args, dims))
     g_pi = via_z(lambda z: policy_loss(p["policy"], q_params, batch["obs"], z, k[5], args, dims)[0])
     assert norm(g_v) == 0.0 and norm(g_pi) == 0.0
-    g_q = jax.grad(lambda enc: q_loss(q_params, enc, ctx, batch, p["target_vf"], k[5], args)[0])(p["encoder"])
+    g_q = jax.jit(jax.grad(lambda enc: q_loss(q_params, enc, ctx, batch, p["target_vf"], k[5], args)[0]))(p["encoder"])
     assert norm(g_q) > 1e-3
     # the Bellman part alone (no KL) still reaches the encoder: through z in Q(s, a, z)
     no_kl = dataclasses.replace(args, kl_lambda=0.0)
-    g_bellman = jax.grad(lambda enc: q_loss(q_params, enc, ctx, batch, p["target_vf"], k[5], no_kl)[0])(p["encoder"])
+    g_bellman = jax.jit(jax.grad(lambda enc: q_loss(q_params, enc, ctx, batch, p["target_vf"], k[5], no_kl)[0]))(
+        p["encoder"])
     assert norm(g_bellman) > 1e-6
     # and the V and policy losses do depend on z (detached, not absent): their value changes with z
     z0, z1 = jnp.zeros((T, B, args.latent_size)), jnp.ones((T, B, args.latent_size))
-    v0 = vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z0, k[5], args, dims)
-    v1 = vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z1, k[5], args, dims)
+    v_of = jax.jit(lambda z: vf_loss(p["vf"], p["policy"], q_params, batch["obs"], z, k[5], args, dims))
+    v0, v1 = v_of(z0), v_of(z1)
     assert float(v0) != float(v1)
 
 

@@ -30,7 +30,7 @@ I + alpha * Hessian of J_T. That Hessian is the second-order term;
 `--first-order` drops it (treats the inner gradient as a constant).
 
 Run:
-    python -m algos.maml                                  # 2-D navigation, 20 meta-iterations: 2.3 min (2-core CPU)
+    python -m algos.maml                                  # 2-D navigation, 20 meta-iterations: 47 s (one core)
     python -m algos.maml --total-timesteps 8000000        # the authors' 100 meta-iterations
     python -m algos.maml --first-order                    # first-order MAML
     python -m algos.maml --estimator promp                # ProMP

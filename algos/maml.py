@@ -369,13 +369,10 @@ def average_return(batch: Batch):
 def inner_objective(apply_fn, params, batch: Batch, args: Args):
     """L_in, the objective the inner step climbs (a per-task policy gradient).
 
-    maml:  mean log pi(a|s) A. Its gradient is the policy gradient; its
-           Hessian lacks the term from the sampling distribution's dependence
-           on theta (the pre-update samples are treated as fixed data).
-    promp: mean pi(a|s) / pi_sampling(a|s) A (LVC). Same gradient at the
-           sampling parameters, but its Hessian contains the missing
-           term in a low-variance form (ProMP, Sec. 5).
-    """
+    maml:  mean log pi(a|s) A. Its gradient is the policy gradient; its Hessian lacks the term from the sampling
+           distribution's dependence on theta (the pre-update samples are treated as fixed data).
+    promp: mean pi(a|s) / pi_sampling(a|s) A (LVC). Same gradient at the sampling parameters, but its Hessian
+           contains the missing term in a low-variance form (ProMP, Sec. 5)."""
     mean, log_std = apply_fn(params, batch.obs)
     logp = gaussian_log_prob(mean, log_std, batch.action)
     if args.estimator == "promp":

@@ -411,10 +411,12 @@ def post_update_policy(apply_fn, theta, pre_i: Batch, post_i: Batch, args: Args)
 
 
 def task_sum(fn, *per_task):
-    """sum_i fn(task i's slices of per_task), one task after another (lax.map): its activations (L x 100 floats,
-    0.8 MB at the authors' sizes) stay in the core's cache, where a vmap makes every intermediate M times larger
-    (2x slower on a CPU core; benchmarks/maml_speed.py)."""
-    return jax.tree.map(lambda x: x.sum(0), jax.lax.map(lambda xs: fn(*xs), per_task))
+    """sum_i fn(task i's slices of per_task). On a CPU one task after another (lax.map): its activations (L x 100
+    floats, 0.8 MB at the authors' sizes) stay in the core's cache, where a vmap makes every intermediate M times
+    larger (2x slower on a core; benchmarks/maml_speed.py). On an accelerator all at once (vmap), which fills it."""
+    one_by_one = jax.default_backend() == "cpu"
+    out = jax.lax.map(lambda xs: fn(*xs), per_task) if one_by_one else jax.vmap(fn)(*per_task)
+    return jax.tree.map(lambda x: x.sum(0), out)
 
 
 def surrogate_and_kl(apply_fn, theta, theta_old, pre: Batch, post: Batch, args: Args, old=None, grad=False):

@@ -152,6 +152,29 @@ def test_trpo_line_search_respects_the_kl_bound_and_improves():
     assert float(surr_new) > float(surr_old)
 
 
+def test_outer_step_on_an_accelerator_vmaps_the_tasks_with_the_same_sums(monkeypatch):
+    """task_sum goes task by task on a CPU and vmaps on an accelerator: the same surrogate, KL, gradient and
+    Fisher-vector product (float64, to rounding)."""
+    with jax.enable_x64(True):
+        cfg, policy, theta, pre, post = tiny_problem()
+        theta = jax.tree.map(lambda x: x.astype(jnp.float64), theta)
+        v = jnp.asarray(np.random.default_rng(2).normal(size=ravel_pytree(theta)[0].shape))
+
+        def sums(theta):  # jitted afresh for each backend (a new function each time: no cached trace)
+            shifted = jax.tree.map(lambda x: x + 0.01, theta)  # a point where the KL and its gradient are not 0
+            return (maml.surrogate_and_kl(policy.apply, shifted, theta, pre, post, cfg),
+                    maml.surrogate_and_kl(policy.apply, theta, theta, pre, post, cfg, grad=True),
+                    maml.fisher_vector_product(policy.apply, theta, pre, post, cfg)(v))
+
+        one_by_one = jax.jit(lambda th: sums(th))(theta)
+        monkeypatch.setattr(maml.jax, "default_backend", lambda: "gpu")
+        batched = jax.make_jaxpr(lambda: maml.task_sum(lambda x: x, jnp.ones(3)))()
+        assert "scan" not in str(batched) and "while" not in str(batched)  # no loop over the tasks
+        for got, want in zip(jax.tree.leaves(jax.jit(lambda th: sums(th))(theta)), jax.tree.leaves(one_by_one),
+                             strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
 def test_linear_baseline_equals_least_squares_and_returns_equal_a_loop():
     """Lanes holding several paths one after another: the returns stop at each path's last step, the baseline's
     time feature restarts with each path."""

@@ -57,8 +57,9 @@ def test_hidden_state_persists_across_episodes_and_resets_between_trials():
     np.testing.assert_array_equal(hidden[0], 0.0)
     # ... and every later step, the first step of episodes 2..n included, starts
     # from the GRU's output of the step before: nothing is reset at a boundary.
-    h_expected = jax.vmap(lambda h, x: net.apply(params, h, x)[0])(hidden[:-1], traj.x[:-1])  # step t from t - 1
-    np.testing.assert_allclose(hidden[1:], h_expected, atol=1e-5)
+    for t in range(1, T):
+        h_expected = net.apply(params, hidden[t - 1], traj.x[t - 1])[0]
+        np.testing.assert_allclose(hidden[t], h_expected, atol=1e-5)
     assert np.abs(hidden[H]).max() > 1e-3  # first step of episode 2: a non-zero memory
     # The done flag of the input says "new episode" exactly at those steps, and at
     # the trial's first step (Duan's MultiEnv.reset: last_terminal = 1).
@@ -136,8 +137,8 @@ def test_anneal_decays_step_size_and_entropy_bonus_to_zero():
     moved = lambda ts_: float(jnp.abs(ravel_pytree(ts_.apply_gradients(grads=ones).params)[0]
                                       - ravel_pytree(ts_.params)[0]).max())
     assert moved(ts) == pytest.approx(args.learning_rate, rel=1e-2)
-    ts = jax.jit(lambda ts: jax.lax.fori_loop(0, n_steps, lambda _, t: t.apply_gradients(
-        grads=jax.tree.map(jnp.zeros_like, t.params)), ts))(ts)
+    for _ in range(n_steps):
+        ts = ts.apply_gradients(grads=jax.tree.map(jnp.zeros_like, ts.params))
     assert moved(ts) < 1e-9
 
 

@@ -315,12 +315,6 @@ def optimiser(args: Args):
     return optax.adam(args.learning_rate)
 
 
-def transition_example(dims: Dims):
-    f = jnp.zeros
-    return {"obs": f(dims.obs_dim), "action": f(dims.action_dim), "reward": f(()), "dense_reward": f(()),
-            "next_obs": f(dims.obs_dim), "terminal": f(())}
-
-
 @functools.partial(jax.jit, static_argnames=("args", "dims"))  # jitted: every leaf its own buffer (donated later)
 def init_state(key, args: Args, dims: Dims) -> State:
     nets, keys = networks(args, dims), jax.random.split(key, 6)
@@ -331,8 +325,10 @@ def init_state(key, args: Args, dims: Dims) -> State:
     params["target_vf"] = params["vf"]  # oyster: target_vf = vf.copy()
     opt = {k: optimiser(args).init(params[k]) for k in nets}
 
-    def per_task(capacity):
-        one = ReplayBuffer.create(transition_example(dims), capacity)
+    def per_task(capacity):  # one buffer per training task, rows of transitions
+        f = jnp.zeros
+        one = ReplayBuffer.create({"obs": f(dims.obs_dim), "action": f(dims.action_dim), "reward": f(()),
+                                   "dense_reward": f(()), "next_obs": f(dims.obs_dim), "terminal": f(())}, capacity)
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (args.n_train_tasks, *x.shape)), one)
 
     return State(params, opt, per_task(buffer_capacity(args, dims)), per_task(encoder_capacity(args, dims)), keys[5])
@@ -599,9 +595,6 @@ def meta_test_task(params, env, task, key, args: Args, dims: Dims):
 # ----------------------------------------------------------------------------
 # The jitted programs
 # ----------------------------------------------------------------------------
-jit_static = functools.partial(jax.jit, static_argnames=("env", "args", "dims"))
-
-
 def collect_into(state: State, env, tasks, task_ids, phases, clear_encoder: bool, args: Args, dims: Dims):
     """Collection for the training tasks `task_ids` (distinct), vmapped, written back into the per-task buffers."""
     key, k = jax.random.split(state.key)
@@ -666,7 +659,7 @@ def gradient_steps(state: State, args: Args, dims: Dims):
 train_steps = jax.jit(gradient_steps, static_argnames=("args", "dims"), donate_argnums=(0,))
 
 
-@jit_static
+@functools.partial(jax.jit, static_argnames=("env", "args", "dims"))
 def meta_test(params, env, tasks, key, args: Args, dims: Dims):
     """[4] Every held-out task x num_evals runs: returns (tasks, num_evals, K trajectories) and the mean
     belief variance each trajectory acted under (tasks, num_evals, K)."""
@@ -808,9 +801,9 @@ def task_lists(env, args: Args):
     env = getattr(env, "family", env)
     if hasattr(env, "task_splits"):
         return env.task_splits(args.n_train_tasks, args.n_eval_tasks)
-    tasks = env.sample_tasks(jax.random.PRNGKey(1337), args.n_train_tasks + args.n_eval_tasks)
-    return (jax.tree.map(lambda x: x[:args.n_train_tasks], tasks), jax.tree.map(lambda x: x[args.n_train_tasks:],
-                                                                                  tasks))
+    n = args.n_train_tasks
+    tasks = env.sample_tasks(jax.random.PRNGKey(1337), n + args.n_eval_tasks)
+    return jax.tree.map(lambda x: x[:n], tasks), jax.tree.map(lambda x: x[n:], tasks)
 
 
 def validate(args: Args) -> None:

@@ -23,7 +23,7 @@ puts an empty module in its place.
 
 Run:
     python -m benchmarks.maml_l2l_speed --quick    # 1 timed meta-iteration per side
-    python -m benchmarks.maml_l2l_speed --save     # 3 timed meta-iterations per side (about 10 minutes)
+    python -m benchmarks.maml_l2l_speed --save     # 3 timed meta-iterations per side (about 7 minutes)
 
 Writes maml_l2l_speed.json to benchmarks/out/ (with --save: benchmarks/results/).
 """

@@ -201,7 +201,7 @@ def ensemble_config(args: Args, dims: Dims) -> ens.EnsembleConfig:
 class Actor(nn.Module):
     """Gaussian policy on pre-tanh actions: (mean, log_std), log_std clipped to [-20, 2]. One output layer of
     2 act_dim units split in two, as jannerm/mbpo's policy (softlearning/policies/gaussian_policy.py); one
-    hidden x 2A matmul instead of two hidden x A ones (4% of an update here: benchmarks/sac_fusions.py)."""
+    hidden x 2A matmul instead of two hidden x A ones (1-4% of an update here: benchmarks/sac_fusions.py)."""
 
     act_dim: int
     hidden: int

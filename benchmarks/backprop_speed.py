@@ -73,19 +73,14 @@ def main(argv=None):
     p.add_argument("--policy-steps", type=int, default=100, help="K, policy steps per phase (default: the algorithm's)")
     p.add_argument("--model-steps", type=int, default=500, help="model steps per phase (default: the algorithm's)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per phase")
-    p.add_argument("--core", type=int, default=0, help="the core this process is pinned to")
+    p.add_argument("--core", type=int, default=0, help="the core to pin to (index into the allowed ones)")
     a = harness.parse(p, argv)
-    os.sched_setaffinity(0, {a.core})
-    import jax
-    import jax.numpy as jnp
-
+    harness.pin_to_core(a.core)
     args, calls = phases(a.policy_steps, a.model_steps, a.seeds[0])
-    m = args.num_start_states
-    x, w = jnp.ones((m, args.model_hidden)), jnp.full((args.model_hidden, args.model_hidden), 1.0 / args.model_hidden)
-    loop = jax.jit(lambda x, w: jax.lax.fori_loop(0, 2000, lambda i, x: x @ w, x))
-    shape = f"{m}x{args.model_hidden}@{args.model_hidden}x{args.model_hidden}"
-    rates = {shape: 2000 * 2 * m * args.model_hidden ** 2 / harness.timed_call(loop, (x, w), 5, clock=time.process_time)
-             / 1e9, "2048x2048@2048x2048": harness.matmul_rate(2048, clock=time.process_time)}
+    m, h = args.num_start_states, args.model_hidden
+    shape = f"{m}x{h}@{h}x{h}"
+    rates = {shape: harness.layer_matmul_rate(m, h, iters=2000),
+             "2048x2048@2048x2048": harness.matmul_rate(2048, clock=time.process_time)}
     rows = {}
     for name, (fn, call_args, flops) in calls.items():
         seconds = harness.timed_call(fn, call_args, a.reps, clock=time.process_time)

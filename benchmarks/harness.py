@@ -331,3 +331,37 @@ def matmul_rate(size: int = 2048, clock=time.perf_counter) -> float:
 
     x = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     return 2 * size**3 / timed_call(jax.jit(lambda u: u @ u), (x,), 10, clock=clock) / 1e9
+
+
+def layer_matmul_rate(rows: int, width: int, iters: int = 300, reps: int = 3, clock=time.process_time) -> float:
+    """XLA's fp32 rate, GFLOP/s (per CPU second by default), of a phase's own matmul shape: a jitted loop of
+    `iters` (rows x width) @ (width x width) products, the best of `reps`. The weights are all 1/width, so the
+    values stay 1 (no denormals, no overflow)."""
+    import jax
+    import jax.numpy as jnp
+
+    x, w = jnp.ones((rows, width)), jnp.full((width, width), 1.0 / width)
+    loop = jax.jit(lambda x, w: jax.lax.fori_loop(0, iters, lambda i, x: x @ w, x))
+    jax.block_until_ready(loop(x, w))  # compile
+    best = float("inf")
+    for _ in range(reps):
+        tic = clock()
+        jax.block_until_ready(loop(x, w))
+        best = min(best, clock() - tic)
+    return iters * 2 * rows * width * width / best / 1e9
+
+
+def xla_flops(jitted, args) -> float:
+    """FLOPs of one call of a jitted function by XLA's cost analysis of its compiled program. A loop's body is
+    counted once, whatever its trip count: count a scanned phase from its parts."""
+    cost = jitted.lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def pin_to_core(index: int) -> int:
+    """Pin this process to one of the cores it may use (`index` into them, modulo their number) before JAX starts
+    its threads; returns the core. Thread settings alone do not hold XLA to one core (docs/speed.md)."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[index % len(cores)]
+    os.sched_setaffinity(0, {core})
+    return core

@@ -86,13 +86,6 @@ def timed(fn, fn_args, reps: int) -> dict:
             "first_call_wall_seconds": compile_s, "calls": reps}
 
 
-def flops(fn, fn_args) -> float:
-    import jax
-
-    cost = jax.jit(fn).lower(*fn_args).compile().cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)["flops"]
-
-
 def main(argv=None):
     p = harness.parser("maml_speed", __doc__, seeds=[1], quick={"meta_batch": 2, "trajectories": 2, "reps": 1},
                        seeds_help="the seed of the fixed samples (one: the speed is measured once)")
@@ -103,9 +96,7 @@ def main(argv=None):
     p.add_argument("--compare-src", type=Path, default=None,
                    help="a checkout whose algos/maml.py's outer step is timed too (before/after)")
     a = harness.parse(p, argv)
-    cores = sorted(os.sched_getaffinity(0))
-    core = cores[a.core % len(cores)]
-    os.sched_setaffinity(0, {core})  # before XLA starts its threads
+    core = harness.pin_to_core(a.core)  # before XLA starts its threads
 
     import jax
     import jax.numpy as jnp
@@ -147,7 +138,7 @@ def main(argv=None):
     res_parts, total_flops = {}, 0.0
     for name, (fn, make_args, count) in parts.items():
         t = timed(jax.jit(fn), make_args(pre, post), a.reps)
-        gflop = M * flops(fn, make_args(first(pre), first(post))) / 1e9
+        gflop = M * harness.xla_flops(jax.jit(fn), make_args(first(pre), first(post))) / 1e9
         total_flops += count * gflop
         res_parts[name] = {**t, "gflop": gflop, "per_outer_step": count,
                            "gflop_per_cpu_second": gflop / t["cpu_seconds"]}

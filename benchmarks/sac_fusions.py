@@ -224,17 +224,8 @@ def cpu_seconds(fn, reps: int) -> list[float]:
 
 
 def matmul_rates(hidden: int, reps: int) -> dict:
-    """GFLOP per CPU second of a jitted loop of BATCH x hidden @ hidden x hidden products (weights 1/n: the values
-    stay 1), and of one 2048^2 product (harness.matmul_rate)."""
-    import jax
-    import jax.numpy as jnp
-
-    iters = 300
-    x, w = jnp.ones((BATCH, hidden)), jnp.full((hidden, hidden), 1.0 / hidden)
-    f = jax.jit(lambda x, w: jax.lax.fori_loop(0, iters, lambda i, x: x @ w, x))
-    jax.block_until_ready(f(x, w))
-    best = min(cpu_seconds(lambda: f(x, w), reps))
-    return {f"{BATCH}x{hidden}@{hidden}x{hidden}": iters * 2 * BATCH * hidden * hidden / best / 1e9,
+    """GFLOP per CPU second of the update's largest matmul shape and of one 2048^2 product."""
+    return {f"{BATCH}x{hidden}@{hidden}x{hidden}": harness.layer_matmul_rate(BATCH, hidden, reps=reps),
             "2048x2048@2048x2048": harness.matmul_rate(2048, clock=time.process_time)}
 
 
@@ -266,19 +257,17 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=512, help="SAC width (mbrl-lib's mbpo_halfcheetah: 512)")
     p.add_argument("--updates", type=int, default=100, help="SAC updates per timed scan")
     p.add_argument("--reps", type=int, default=5, help="timed scans per variant (the best is kept), interleaved")
-    p.add_argument("--core", type=int, default=0, help="the core this process is pinned to")
+    p.add_argument("--core", type=int, default=0, help="the core to pin to (index into the allowed ones)")
     p.add_argument("--profile", action="store_true", help="trace the mbpo update and split its time by kind")
     a = harness.parse(p, argv)
-    os.sched_setaffinity(0, {a.core})
+    harness.pin_to_core(a.core)
     import jax
     import numpy as np
 
     cfg, state, batch = setup(a.hidden, a.seeds[0])
     from algos import mbpo
 
-    cost = jax.jit(mbpo.sac_update, static_argnums=0).lower(cfg, state, batch, jax.random.PRNGKey(0)).compile()
-    cost = cost.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    flops = harness.xla_flops(jax.jit(mbpo.sac_update, static_argnums=0), (cfg, state, batch, jax.random.PRNGKey(0)))
     scans = {name: scan_of(fn or mbpo.sac_update, cfg, batch, a.updates) for name, fn in VARIANTS.items()}
     states = {name: two_head_state(cfg, a.seeds[0]) if name == "two_heads" else state for name in scans}
     finals = {name: jax.block_until_ready(f(states[name], jax.random.PRNGKey(1))) for name, f in scans.items()}

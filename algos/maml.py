@@ -71,7 +71,6 @@ from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import flax.linen as nn
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +82,7 @@ from common.checkpoints import env_state, load_checkpoint, save_checkpoint, set_
 from common.checks import check_finite, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import make_env
-from common.envs.mujoco_tasks import TaskFamily, task_family_of
+from common.envs.mujoco_tasks import TaskFamily, VectorTasks, task_family_of
 from common.experiment import CommonArgs, Run, seed_everything
 from common.jax_envs.adapter import func_env_of, is_task_family
 from common.progress import Progress
@@ -259,16 +258,16 @@ def rollouts(apply_fn, params, task, key, env, args: Args, dims: Dims) -> Batch:
 
 
 class GymTaskSampler:
-    """[2] for a MuJoCo task family (common/envs/mujoco_tasks.py): M x N copies of the env in a gymnasium
-    SyncVectorEnv, each given its task; one jitted policy call per time step for all of them, N paths of at most H
+    """[2] for a MuJoCo task family (common/envs/mujoco_tasks.py): M x N copies of the env stepped in lockstep
+    (`VectorTasks`), each given its task; one jitted policy call per time step for all of them, N paths of at most H
     steps per task (a fixed number of paths: the step budget of `rollouts` only differs from it when paths end
     early). Returns a `Batch` of N lanes of H steps. Its state (for checkpoints, `state()` and `set_state()`): the
     reset-seed counter and the sub-envs' states."""
 
     def __init__(self, env_id: str, apply_fn, args: Args, dims: Dims, seed: int):
         self.args, self.dims, self.seed = args, dims, seed
-        n = args.meta_batch * args.trajectories_per_task
-        self.envs = gym.vector.SyncVectorEnv([lambda: make_env(env_id) for _ in range(n)])
+        self.tasks = VectorTasks(env_id, args.meta_batch * args.trajectories_per_task, horizon=dims.horizon)
+        self.envs = self.tasks.vec
         self.low, self.high = self.envs.single_action_space.low, self.envs.single_action_space.high
 
         @jax.jit
@@ -288,23 +287,22 @@ class GymTaskSampler:
 
     def __call__(self, params_per_task, tasks, key) -> Batch:
         M, N, T = self.args.meta_batch, self.args.trajectories_per_task, self.dims.horizon
-        self.envs.set_attr("task", [t for t in np.asarray(tasks) for _ in range(N)])
+        self.tasks.set_tasks([t for t in np.asarray(tasks) for _ in range(N)])
         self.seed += 1
-        obs, _ = self.envs.reset(seed=self.seed)  # env i gets seed + i
-        alive = np.ones(M * N, np.float32)
-        out = {k: [] for k in ("obs", "action", "reward", "mask", "logp", "step", "last")}
-        for t in range(T):
+        logps = []
+
+        def policy(obs, t):  # -> (the action stored, the action scaled to the env's bounds)
             action, logp = self.act(params_per_task, jnp.asarray(obs).reshape(M, N, -1), jax.random.fold_in(key, t))
             action = np.asarray(action).reshape(M * N, -1)
-            env_action = self.low + (np.clip(action, -1, 1) + 1) * 0.5 * (self.high - self.low)
-            next_obs, reward, terminated, _, _ = self.envs.step(env_action)
-            last = np.maximum(alive * terminated, float(t == T - 1))  # the path's last step: terminated or at H
-            for k, v in (("obs", obs), ("action", action), ("reward", reward * alive), ("mask", alive.copy()),
-                         ("logp", np.asarray(logp).reshape(-1)), ("step", np.full(M * N, t)), ("last", last)):
-                out[k].append(np.asarray(v, np.float32))
-            alive, obs = alive * (1.0 - terminated), next_obs
-        # (T, M*N, ...) -> (M, N, T, ...)
-        arrays = {k: jnp.asarray(np.stack(v, 1).reshape(M, N, T, *np.shape(v[0])[1:])) for k, v in out.items()}
+            logps.append(np.asarray(logp, np.float32).reshape(-1))
+            return action, self.low + (np.clip(action, -1, 1) + 1) * 0.5 * (self.high - self.low)
+
+        paths, alive = self.tasks.rollout(policy, self.seed + np.arange(M * N))  # env i reset with seed + i
+        mask = alive.astype(np.float32)  # (M N, T)
+        arrays = dict(obs=paths["obs"], action=paths["action"], reward=paths["reward"] * mask, mask=mask,
+                      logp=np.stack(logps, 1), step=np.broadcast_to(np.arange(T, dtype=np.float32), mask.shape),
+                      last=np.maximum(mask * paths["terminal"], np.arange(T) == T - 1))  # terminated, or at H
+        arrays = {k: jnp.asarray(v.reshape(M, N, T, *v.shape[2:]), jnp.float32) for k, v in arrays.items()}
         return Batch(advantage=jnp.zeros_like(arrays["reward"]), **arrays)
 
 

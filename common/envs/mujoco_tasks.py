@@ -9,7 +9,7 @@ registered in common/envs/__init__.py from `TASK_FAMILIES`. PEARL's versions
 plane) add oyster's fixed seed-1337 task lists and train/test splits;
 HalfCheetahDirOyster-v0 is MAML's cheetah-dir with oyster's split (both
 directions for training and for meta-test). `VectorTasks` steps W copies of
-a family in a gymnasium SyncVectorEnv, one task each (PEARL's collection).
+a family in a gymnasium SyncVectorEnv, one task each (PEARL's and MAML's collection).
 """
 
 from __future__ import annotations
@@ -164,12 +164,13 @@ def task_family_of(env: gym.Env):
 
 class VectorTasks:
     """`width` copies of a registered task family in a gymnasium SyncVectorEnv, one task each, stepped in
-    lockstep: collection from several tasks at once (PEARL). Spaces, horizon and task lists are the family's."""
+    lockstep: collection from several tasks at once (PEARL, MAML). Spaces and task lists are the family's, the
+    horizon too unless a shorter one is given."""
 
-    def __init__(self, env_id: str, width: int):
+    def __init__(self, env_id: str, width: int, horizon: int | None = None):
         self.vec = gym.vector.SyncVectorEnv([lambda: gym.make(env_id)] * width)  # autoreset: NEXT_STEP
         self.family = task_family_of(self.vec.envs[0])
-        self.num_envs, self.horizon = width, self.family.horizon
+        self.num_envs, self.horizon = width, horizon or self.family.horizon
         self.observation_space, self.action_space = self.family.observation_space, self.family.action_space
 
     def set_tasks(self, tasks) -> None:

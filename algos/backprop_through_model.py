@@ -68,7 +68,7 @@ from common.checks import check_finite, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import reward_function
-from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, episode_returns, record_video, seed_everything
 from common.progress import Progress
 
 
@@ -324,20 +324,6 @@ def explore(act, params, noise: float, action_scale: float, rng, obs):
     return np.clip(action + noise * rng.standard_normal(action.shape), -action_scale, action_scale)
 
 
-def evaluate(env, act, episodes: int) -> np.ndarray:
-    """[5] Returns of `episodes` full episodes of the deterministic policy."""
-    returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        done, ret = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(np.asarray(act(obs), dtype=np.float32))
-            ret += float(reward)
-            done = terminated or truncated
-        returns.append(ret)
-    return np.asarray(returns)
-
-
 def normalizer_from(data_np: dict, n: int) -> DeltaNormalizer:
     """Mean and std (floored at 1e-6: constant dimensions such as Reacher's target)
     of the model inputs and of the state differences in the first n rows of D."""
@@ -486,7 +472,8 @@ def main(args: Args) -> dict:
             n += steps
         # [5] Evaluate the deterministic policy.
         with run.timed("eval"):
-            eval_returns = evaluate(eval_env, partial(act, params), args.eval_episodes)
+            policy_det = partial(lambda p, o: np.asarray(act(p, o), np.float32), params)
+            eval_returns = episode_returns(eval_env, policy_det, args.eval_episodes)
         eval_return = float(eval_returns.mean())
         metrics.update({"eval/return": eval_returns.mean(), "eval/return_std": eval_returns.std(),
                         "iteration": iteration, "iteration_seconds": time.time() - it_start,

@@ -64,7 +64,7 @@ from common.checks import check_finite, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import OBS_REWARD_FUNCTIONS, OBS_TERMINATION_FUNCTIONS, POSITION_DIMS, REWARD_OBS_KWARGS
-from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, episode_returns, record_video, seed_everything
 from common.progress import Progress
 
 # Per-env defaults for the fields left None. The authors run every env with one configuration (mb_mpo_train.py:
@@ -478,19 +478,6 @@ class Dataset(NamedTuple):
         return self.x[: int(self.n)], self.y[: int(self.n)]
 
 
-def evaluate(env, policy_fn, episodes: int) -> np.ndarray:
-    """[7] Returns of full episodes (T steps or until termination) of the deterministic policy."""
-    returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        done, ret = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy_fn(obs))
-            ret, done = ret + float(reward), terminated or truncated
-        returns.append(ret)
-    return np.asarray(returns)
-
-
 def draw_starts(env, n: int) -> np.ndarray:
     """n initial states from the env's own reset distribution: (n, obs_dim)."""
     return np.stack([env.reset()[0] for _ in range(n)]).astype(np.float32)
@@ -639,7 +626,7 @@ def main(args: Args) -> dict:
         if step // args.eval_interval > previous // args.eval_interval or step >= args.total_timesteps:
             # [7] Deterministic evaluation of the pre-update policy in the real env
             with run.timed("eval"):
-                eval_returns = evaluate(eval_env, policy_det, args.eval_episodes)
+                eval_returns = episode_returns(eval_env, policy_det, args.eval_episodes)
             row = {"eval/return": float(eval_returns.mean()), "eval/return_std": float(eval_returns.std()),
                    "train/episode_return": float(np.mean(real_returns)), "iteration": iteration,
                    "model/validation_mse": float(np.mean(model_info["holdout_mse"])),

@@ -66,7 +66,7 @@ from common.checks import check_finite, check_memory, check_ranges, fail
 from common.command_line import cli
 from common.envs import check_env_id, make_env
 from common.envs.model_fns import TERMINATION_FUNCTIONS, TRUNCATED_OBS_KWARGS, never_terminated
-from common.experiment import CommonArgs, Run, check_video_support, record_video, seed_everything
+from common.experiment import CommonArgs, Run, check_video_support, episode_returns, record_video, seed_everything
 from common.progress import Progress
 
 # The paper's per-env settings (jannerm/mbpo examples/config/*/0.py): G updates per env
@@ -420,20 +420,6 @@ def sac_phase(args: Args, state: SACState, real_buf: ReplayBuffer, model_buf: Re
     return state, jax.tree.map(jnp.mean, metrics)
 
 
-def evaluate(env, policy, episodes: int) -> np.ndarray:
-    """[6] Returns of full episodes of the deterministic policy."""
-    returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        done, ret = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy(obs))
-            ret += float(reward)
-            done = terminated or truncated
-        returns.append(ret)
-    return np.asarray(returns)
-
-
 # ----------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------
@@ -587,7 +573,7 @@ def main(args: Args) -> dict:
         if step % args.eval_interval == 0 or step == args.total_timesteps:
             # [6] Deterministic evaluation
             with run.timed("eval"):
-                eval_returns = evaluate(eval_env, policy_det, args.eval_episodes)
+                eval_returns = episode_returns(eval_env, policy_det, args.eval_episodes)
             row = {"eval/return": float(eval_returns.mean()), "eval/return_std": float(eval_returns.std()),
                    "train/episode_return": float(np.mean(returns)) if returns else float("nan"),
                    "sps": (step - first_step) / (time.time() - t0), **{f"time/{k}": v for k, v in run.timings.items()}}

@@ -102,7 +102,7 @@ def train_model(*a, **k):
     return timed_train(*a, **k)
 common.train_model_and_save_model_and_data = train_model
 mbpo.rollout_model_and_populate_sac_buffer = timed(mbpo.rollout_model_and_populate_sac_buffer, "rollouts")
-mbpo.evaluate = timed(mbpo.evaluate, "eval")
+mbpo.episode_returns = timed(mbpo.episode_returns, "eval")
 SAC.update_parameters = timed(SAC.update_parameters, "sac")
 orig_step = common.step_env_and_add_to_buffer
 def step(*a, **k):
@@ -151,7 +151,7 @@ def log(self, metrics, step, echo=True):
     extra = {"time/process_cpu_no_eval": time.process_time() - cpu["eval"], "time/unix": time.time(),
              **{f"cpu/{k}": v for k, v in cpu.items()}}
     return orig_log(self, {**metrics, **extra}, step, echo)
-mbpo.evaluate, mbpo.Run.log = timed(mbpo.evaluate, "eval"), log
+mbpo.episode_returns, mbpo.Run.log = timed(mbpo.episode_returns, "eval"), log
 ensembles.train = timed(ensembles.train, "model_train")
 mbpo.rollout_phase = timed(mbpo.rollout_phase, "rollouts")
 mbpo.sac_phase = timed(mbpo.sac_phase, "sac")

@@ -279,6 +279,20 @@ def check_video_support(env_id: str) -> None:
             fail(f"--capture-video on {env_id} needs {module} (pip install {module})")
 
 
+def episode_returns(env, policy: Callable[[Any], Any], episodes: int) -> np.ndarray:
+    """Returns of `episodes` whole episodes (until termination or truncation) of `policy(obs) -> action` in a
+    gymnasium env, each from `env.reset()` (the env's own seed stream): an algorithm's evaluation."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ret = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            ret, done = ret + float(reward), terminated or truncated
+        returns.append(ret)
+    return np.asarray(returns)
+
+
 def record_video(env, policy: Callable[[Any], Any], folder: str | Path, episodes: int = 1,
                  seed: int = 0, max_steps: int = 1000) -> Path:
     """Record `episodes` episodes of `policy(obs) -> action` with gymnasium's

@@ -33,7 +33,7 @@ from common.checks import (
 )
 from common.command_line import _one_line, cli, resume_args
 from common.envs import make_env
-from common.experiment import CommonArgs, Run, check_video_support, read_metrics
+from common.experiment import CommonArgs, Run, check_video_support, episode_returns, read_metrics
 
 
 def one_line(excinfo) -> str:
@@ -318,3 +318,23 @@ def test_unexpected_errors_are_one_line_without_traceback(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [
         "error: ValueError: bad thing (at boom.py:4) (JAX_MBRL_TRACEBACK=1 shows the traceback)"]
+
+
+def test_episode_returns_sums_each_episode_until_it_ends():
+    """Episodes end at termination or at truncation, and every reward of an episode counts once."""
+
+    class Countdown:  # episode k: rewards action x 1, 2, 3; ends after 3 steps, terminated at even k, truncated at odd
+        def __init__(self):
+            self.k = -1
+
+        def reset(self):
+            self.k, self.t = self.k + 1, 0
+            return np.zeros(1), {}
+
+        def step(self, action):
+            assert self.t < 3, "stepped after the episode ended"
+            self.t += 1
+            end = self.t == 3
+            return np.zeros(1), float(action * self.t), end and self.k % 2 == 0, end and self.k % 2 == 1, {}
+
+    np.testing.assert_array_equal(episode_returns(Countdown(), lambda obs: 2.0, 3), [12.0, 12.0, 12.0])
